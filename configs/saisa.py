@@ -1,0 +1,22 @@
+"""SAISA / LLaVA-1.5 / NAAViT models at real sizes.
+
+  --config configs/saisa.py:llm=vicuna7b,alignment=llava
+Arguments: llm (tiny | smollm2_135m | vicuna7b | llama3_8b), tower (default: the
+LLM's), alignment (saisa | llava | naavit), dtype (float32 | bfloat16), remat.
+"""
+from saisa_jax import presets
+from saisa_jax.config_args import parse_arg
+import ml_collections
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, llm="vicuna7b", tower="", alignment="saisa", dtype="bfloat16",
+                remat="full")
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(dict(
+      alignment=a.alignment, dtype=a.dtype, remat=a.remat, scan_unroll=1,
+      llm=presets.lookup(presets.LLMS, a.llm, "llm"),
+      vision=presets.lookup(presets.TOWERS, a.tower or presets.DEFAULT_TOWER[a.llm], "tower")))
+  config.model.llm.rope_scaling = ml_collections.FieldReference(None, field_type=dict)
+  config.template = presets.DEFAULT_TEMPLATE[a.llm]
+  return config

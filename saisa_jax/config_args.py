@@ -1,0 +1,23 @@
+"""`get_config(arg)` argument strings: "llm=vicuna7b,alignment=llava" -> ConfigDict."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses "k=v,k2=v2" with each value cast to its default's type; unknown keys fail."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not key=value (from {arg!r})")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = kind(value)
+  return ml_collections.ConfigDict(out)

@@ -1,0 +1,171 @@
+"""Name and layout rules between our param tree and PyTorch / HF state dicts.
+
+One rule maps one of our leaves (a path in the Flax params, stacked over layers when
+the name has `{l}`) to one PyTorch tensor name. Linear weights are [out, in] in
+PyTorch and kernels [in..., out...] here: `W.T` reshaped to the kernel's shape.
+
+Prefixes used by the checkpoints we read and write:
+  LlamaForCausalLM / released SAISA:  "model."  (+ "lm_head.weight")
+  HF LlavaForConditionalGeneration:   "model.language_model."
+  CLIPVisionModel:                    "" (transformers 5; older files: "vision_model.")
+  released SAISA tower:               "model.vision_tower.vision_tower.vision_model."
+  HF Llava tower:                     "model.vision_tower."
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+from saisa_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  ours: tuple[str, ...]   # path in params, e.g. ("decoder", "layers", "q_proj", "kernel")
+  theirs: str             # torch name; "{l}" marks a stacked layer index
+  kind: str = "copy"      # copy | linear | patch
+  in_dims: int = 1        # for linear: leading kernel axes that are the input
+
+
+def llama_rules(cfg: ModelConfig, prefix: str = "model.", head: str = "lm_head.weight") -> list[Rule]:
+  layer = prefix + "layers.{l}."
+  d = ("decoder", "layers")
+  rules = [Rule(("decoder", "embedding", "embedding"), prefix + "embed_tokens.weight"),
+           Rule(("decoder", "norm", "scale"), prefix + "norm.weight")]
+  for name, torch_name in [("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"),
+                           ("v_proj", "self_attn.v_proj"), ("gate_proj", "mlp.gate_proj"),
+                           ("up_proj", "mlp.up_proj"), ("down_proj", "mlp.down_proj")]:
+    rules.append(Rule(d + (name, "kernel"), layer + torch_name + ".weight", "linear"))
+  rules.append(Rule(d + ("o_proj", "kernel"), layer + "self_attn.o_proj.weight", "linear", 2))
+  rules.append(Rule(d + ("input_norm", "scale"), layer + "input_layernorm.weight"))
+  rules.append(Rule(d + ("post_norm", "scale"), layer + "post_attention_layernorm.weight"))
+  if not cfg.llm.tie_embeddings:
+    rules.append(Rule(("decoder", "lm_head", "kernel"), head, "linear"))
+  return rules
+
+
+def projector_rules(ours: tuple[str, ...], theirs: str, names=("0", "2")) -> list[Rule]:
+  """mlp2x_gelu: theirs + "{0,2}.{weight,bias}" (LLaVA) or linear_{1,2} (HF Llava)."""
+  out = []
+  for fc, idx in zip(("fc1", "fc2"), names):
+    out.append(Rule(ours + (fc, "kernel"), f"{theirs}{idx}.weight", "linear"))
+    out.append(Rule(ours + (fc, "bias"), f"{theirs}{idx}.bias"))
+  return out
+
+
+def saisa_projector_rules(prefix: str = "model.") -> list[Rule]:
+  return projector_rules(("decoder", "layers", "projector"), prefix + "layers.{l}.mm_projector.")
+
+
+def clip_rules(prefix: str = "") -> list[Rule]:
+  v, layer = ("vision",), prefix + "encoder.layers.{l}."
+  rules = [Rule(v + ("patch_embed", "kernel"), prefix + "embeddings.patch_embedding.weight", "patch"),
+           Rule(v + ("class_embedding",), prefix + "embeddings.class_embedding"),
+           Rule(v + ("position_embedding",), prefix + "embeddings.position_embedding.weight"),
+           Rule(v + ("pre_layernorm", "scale"), prefix + "pre_layrnorm.weight"),
+           Rule(v + ("pre_layernorm", "bias"), prefix + "pre_layrnorm.bias")]
+  lv = v + ("layers",)
+  for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+    in_dims = 2 if name == "out_proj" else 1
+    rules.append(Rule(lv + (name, "kernel"), layer + f"self_attn.{name}.weight", "linear", in_dims))
+    rules.append(Rule(lv + (name, "bias"), layer + f"self_attn.{name}.bias"))
+  for name in ("fc1", "fc2"):
+    rules.append(Rule(lv + (name, "kernel"), layer + f"mlp.{name}.weight", "linear"))
+    rules.append(Rule(lv + (name, "bias"), layer + f"mlp.{name}.bias"))
+  for name in ("layer_norm1", "layer_norm2"):
+    rules.append(Rule(lv + (name, "scale"), layer + f"{name}.weight"))
+    rules.append(Rule(lv + (name, "bias"), layer + f"{name}.bias"))
+  return rules
+
+
+def is_stacked(rule: Rule) -> bool:
+  return "{l}" in rule.theirs
+
+
+def to_ours(rule: Rule, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """One torch tensor -> our layout with `shape` (of one layer when stacked)."""
+  t = np.asarray(tensor)
+  if rule.kind == "linear":
+    t = t.T
+  elif rule.kind == "patch":
+    t = t.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
+  if int(np.prod(t.shape)) != int(np.prod(shape)):
+    raise ValueError(f"{rule.theirs}: shape {tuple(tensor.shape)} does not fit "
+                     f"{'/'.join(rule.ours)} {tuple(shape)} (check the config's sizes)")
+  return t.reshape(shape)
+
+
+def to_theirs(rule: Rule, value: np.ndarray) -> np.ndarray:
+  """One of our leaves (one layer when stacked) -> the torch tensor."""
+  v = np.asarray(value)
+  if rule.kind == "linear":
+    n_in = int(np.prod(v.shape[:rule.in_dims]))
+    return np.ascontiguousarray(v.reshape(n_in, -1).T)
+  if rule.kind == "patch":
+    return np.ascontiguousarray(v.transpose(3, 2, 0, 1))
+  return v
+
+
+def model_rules(cfg: ModelConfig, layout: str) -> list[Rule]:
+  """All rules of a model for one checkpoint layout: 'saisa' (released) or 'hf_llava'."""
+  if layout == "saisa":
+    rules = llama_rules(cfg, "model.") + clip_rules("model.vision_tower.vision_tower.vision_model.")
+    if cfg.alignment == "saisa":
+      return rules + saisa_projector_rules("model.")
+    return rules + projector_rules(("projector",), "model.mm_projector.")
+  if layout == "hf_llava":
+    return (llama_rules(cfg, "model.language_model.") + clip_rules("model.vision_tower.")
+            + projector_rules(("projector",), "model.multi_modal_projector.linear_", ("1", "2")))
+  raise ValueError(f"unknown checkpoint layout {layout!r} (saisa | hf_llava)")
+
+
+def expand(rule: Rule, num_layers: int) -> Iterator[tuple[int | None, str]]:
+  if is_stacked(rule):
+    for l in range(num_layers):
+      yield l, rule.theirs.format(l=l)
+  else:
+    yield None, rule.theirs
+
+
+def layer_count(cfg: ModelConfig, rule: Rule) -> int:
+  return cfg.vision.layers_used if rule.ours[0] == "vision" else cfg.llm.num_layers
+
+
+def params_from_tensors(get: Callable[[str], np.ndarray], rules: list[Rule],
+                        shapes: Mapping, cfg: ModelConfig) -> dict:
+  """Builds a nested numpy params dict. `get(name)` returns a torch-layout tensor;
+  `shapes` is the params tree of ShapeDtypeStructs (jax.eval_shape of init)."""
+  out: dict = {}
+  for rule in rules:
+    shape = _lookup(shapes, rule.ours).shape
+    if is_stacked(rule):
+      value = np.stack([to_ours(rule, get(name), shape[1:])
+                        for _, name in expand(rule, layer_count(cfg, rule))])
+    else:
+      value = to_ours(rule, get(rule.theirs), shape)
+    _assign(out, rule.ours, value.astype(np.float32))
+  return out
+
+
+def tensors_from_params(params: Mapping, rules: list[Rule], cfg: ModelConfig) -> dict:
+  """Our params -> {torch name: numpy array} (float32)."""
+  out = {}
+  for rule in rules:
+    value = np.asarray(_lookup(params, rule.ours), np.float32)
+    for l, name in expand(rule, layer_count(cfg, rule)):
+      out[name] = to_theirs(rule, value if l is None else value[l])
+  return out
+
+
+def _lookup(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _assign(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value

@@ -1,0 +1,180 @@
+"""Conversation templates, tokenised exactly as LLaVA-1.5's train.py does.
+
+`encode_conversation` returns LLaVA's (input_ids, labels): one IMAGE_ID placeholder
+per image, IGNORE on masked labels, labels aligned with ids (the loss shifts them).
+The masks come from LLaVA's own round-length arithmetic (preprocess_plain /
+preprocess_v1 / preprocess_llama_3), quirks included, so that a model trained here
+sees the same labels as one trained with LLaVA on the same tokenizer:
+
+  vicuna_v1, 2 turns: "<sys> USER: <q1> ASSISTANT: <a1></s>USER: <q2> ASSISTANT: <a2></s>"
+  labels:              [-----------masked-------------][a1 </s>][------masked-----][a2 </s>]
+
+(the mask ends at "ASSISTANT:"; the space before the answer merges into its first
+token, which is why LLaVA subtracts 2 = BOS + the trailing "▁" from the instruction.)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from saisa_jax.data.records import IMAGE_TOKEN, BadExample
+
+IMAGE_ID = -200   # LLaVA's IMAGE_TOKEN_INDEX, replaced by an image segment later
+IGNORE = -100     # LLaVA's IGNORE_INDEX
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's "
+          "questions.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  name: str
+  style: str                 # 'plain' | 'two' (LLaVA's SeparatorStyle.TWO)
+  system: str = ""
+  roles: tuple[str, str] = ("", "")
+  sep: str = "\n"
+  sep2: str | None = None
+  # preprocess_v1 shortens rounds after the first by one for non-legacy SentencePiece
+  # tokenizers (no "▁" after "</s>"); preprocess_llama_3's BPE needs no correction.
+  nonlegacy_fix: bool = False
+
+
+TEMPLATES = {
+    "plain": Template("plain", "plain", sep="\n"),
+    "vicuna_v1": Template("vicuna_v1", "two", SYSTEM, ("USER", "ASSISTANT"), " ", "</s>",
+                          nonlegacy_fix=True),
+    "llama_3": Template("llama_3", "two", SYSTEM, ("USER", "ASSISTANT"), " ",
+                        "<|end_of_text|>"),
+}
+TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]
+
+
+def get_template(name: str) -> Template:
+  if name not in TEMPLATES:
+    raise ValueError(f"unknown template {name!r}; choose from {sorted(TEMPLATES)}")
+  return TEMPLATES[name]
+
+
+def tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
+  """LLaVA's mm_utils.tokenizer_image_token: split on <image>, one BOS, IMAGE_ID between."""
+  chunks = [tokenizer(c).input_ids for c in prompt.split(IMAGE_TOKEN)]
+  ids, offset = [], 0
+  if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+    offset = 1
+    ids.append(chunks[0][0])
+  for k, chunk in enumerate(chunks):
+    if k:
+      ids.append(IMAGE_ID)
+    ids.extend(chunk[offset:])
+  return ids
+
+
+def move_image_to_front(conversations: list[dict]) -> list[dict]:
+  """LLaVA's preprocess_multimodal: a message's <image> goes first, then "\\n".
+
+  LLaVA-1.5 knows one image per message; a message with several <image> keeps them
+  where they are (LLaVA would merge them into one).
+  """
+  out = []
+  for turn in conversations:
+    v = turn["value"]
+    if v.count(IMAGE_TOKEN) == 1:
+      v = (IMAGE_TOKEN + "\n" + v.replace(IMAGE_TOKEN, "").strip()).strip()
+    out.append({**turn, "value": v})
+  return out
+
+
+def conversation_prompt(t: Template, messages: list[tuple[str, str | None]]) -> str:
+  """LLaVA's Conversation.get_prompt for SeparatorStyle.TWO (None: open turn)."""
+  seps = (t.sep, t.sep2)
+  ret = t.system + seps[0]
+  for i, (role, message) in enumerate(messages):
+    # LLaVA tests truthiness: an empty message is written like an open turn.
+    ret += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
+  return ret
+
+
+def _turns(t: Template, conversations: list[dict], rid) -> list[tuple[str, str]]:
+  if conversations and conversations[0]["from"] != "human":
+    conversations = conversations[1:]  # LLaVA skips a leading gpt turn
+  if not conversations:
+    raise BadExample("bad_turns", "no human turn", record_id=rid)
+  messages = []
+  for j, turn in enumerate(conversations):
+    want = ("human", "gpt")[j % 2]
+    if turn["from"] != want:
+      raise BadExample("bad_turns", f"turn {j} is from {turn['from']!r}, expected "
+                       f"{want!r} (turns must alternate)", record_id=rid)
+    messages.append((t.roles[j % 2], turn["value"]))
+  return messages
+
+
+def _pad_id(tokenizer) -> int | None:
+  # LLaVA sets pad = unk for the LLaMA tokenizer, and counts ids != pad as the length.
+  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+
+
+def _encode_plain(conversations, tokenizer, num_images, rid):
+  if len(conversations) != 2 or IMAGE_TOKEN not in conversations[0]["value"]:
+    raise BadExample("bad_turns", "template 'plain' needs [human with <image>, gpt "
+                     f"caption]; got {len(conversations)} turns", record_id=rid)
+  head = IMAGE_TOKEN * max(num_images, 1)  # LLaVA: the human turn becomes just <image>
+  ids = tokenizer_image_token(head + conversations[1]["value"] + "\n", tokenizer)
+  labels = list(ids)
+  n = len(tokenizer_image_token(head, tokenizer))
+  labels[:n] = [IGNORE] * min(n, len(labels))
+  return ids, labels
+
+
+def encode_conversation(conversations: list[dict], template: str, tokenizer,
+                        num_images: int, record_id=None) -> tuple[list[int], list[int]]:
+  """LLaVA conversations -> (input_ids with IMAGE_ID, labels with IGNORE)."""
+  t = get_template(template)
+  if num_images:
+    conversations = move_image_to_front(conversations)
+  if t.style == "plain":
+    return _encode_plain(conversations, tokenizer, num_images, record_id)
+
+  prompt = conversation_prompt(t, _turns(t, conversations, record_id))
+  ids = tokenizer_image_token(prompt, tokenizer)
+  labels = list(ids)
+  pad = _pad_id(tokenizer)
+  total_len = sum(1 for i in ids if i != pad)
+  fix = t.nonlegacy_fix and not getattr(tokenizer, "legacy", True)
+
+  # preprocess_v1's masking, verbatim in spirit: each round's length measured alone.
+  sep = t.sep + t.roles[1] + ": "
+  cur = 1
+  labels[:cur] = [IGNORE]
+  for i, rou in enumerate(prompt.split(t.sep2)):
+    if rou == "":
+      break
+    parts = rou.split(sep)
+    if len(parts) != 2:
+      break
+    parts[0] += sep
+    round_len = len(tokenizer_image_token(rou, tokenizer))
+    instruction_len = len(tokenizer_image_token(parts[0], tokenizer)) - 2
+    if i != 0 and fix:
+      round_len -= 1
+      instruction_len -= 1
+    labels[cur:cur + instruction_len] = [IGNORE] * len(labels[cur:cur + instruction_len])
+    cur += round_len
+  labels[cur:] = [IGNORE] * len(labels[cur:])
+  if cur != total_len:
+    # LLaVA masks the whole sample ("tokenization mismatch ... (ignored)").
+    raise BadExample("tokenization_mismatch", f"rounds add up to {cur} tokens, the "
+                     f"conversation has {total_len} (template {t.name!r})", record_id=rid)
+  return ids, labels
+
+
+def prompt_ids(conversations: list[dict], template: str, tokenizer,
+               num_images: int) -> list[int]:
+  """Ids of a generation prompt: the conversation so far (ending with a human turn)
+  plus the open assistant turn ("... ASSISTANT:"), as LLaVA's eval builds it."""
+  t = get_template(template)
+  if num_images:
+    conversations = move_image_to_front(conversations)
+  if t.style == "plain":
+    return tokenizer_image_token(IMAGE_TOKEN * max(num_images, 1), tokenizer)
+  messages = _turns(t, conversations, None) + [(t.roles[1], None)]
+  return tokenizer_image_token(conversation_prompt(t, messages), tokenizer)

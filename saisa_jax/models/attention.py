@@ -1,0 +1,23 @@
+"""Grouped-query attention core over an explicit boolean mask."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attend(q, k, v, mask):
+  """Softmax attention with GQA.
+
+  q float[B, Q, H, D], k/v float[B, K, Hkv, D] (H a multiple of Hkv),
+  mask bool[B, Q, K] -> float[B, Q, H, D]. Scores and softmax in float32. A row with
+  no visible key (padding) averages all keys instead of producing NaN.
+  """
+  b, tq, h, d = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, tq, hkv, h // hkv, d)
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (d ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, jnp.float32(-1e30))
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+  return out.reshape(b, tq, h, d)

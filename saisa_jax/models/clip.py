@@ -1,0 +1,74 @@
+"""CLIP ViT vision tower (HF CLIPVisionModel semantics), returning patch features.
+
+Only the layers needed for hidden_states[select_layer] are built and run (the last
+layer of a select_layer=-2 tower never influences the features).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from saisa_jax.models.attention import attend
+from saisa_jax.models.config import VisionConfig
+from saisa_jax.models.layers import Dense, LayerNorm, constrain, maybe_remat, quick_gelu, stack_axes
+
+
+class VisionLayer(nn.Module):
+  cfg: VisionConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _):
+    c, dt = self.cfg, self.dtype
+    hd = c.hidden_size // c.num_heads
+    axes_in = ("vision_embed", "heads", "kv")
+    h = LayerNorm(c.layer_norm_eps, dt, name="layer_norm1")(x)
+    q = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="q_proj")(h)
+    k = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="k_proj")(h)
+    v = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="v_proj")(h)
+    full = jnp.ones((x.shape[0], x.shape[1], x.shape[1]), bool)
+    attn = attend(q, k, v, full)
+    x = x + Dense(c.hidden_size, ("heads", "kv", "vision_embed"), in_dims=2, use_bias=True,
+                  dtype=dt, name="out_proj")(attn)
+    h = LayerNorm(c.layer_norm_eps, dt, name="layer_norm2")(x)
+    h = Dense(c.intermediate_size, ("vision_embed", "vision_mlp"), use_bias=True, dtype=dt,
+              name="fc1")(h)
+    x = x + Dense(c.hidden_size, ("vision_mlp", "vision_embed"), use_bias=True, dtype=dt,
+                  name="fc2")(quick_gelu(h))
+    return constrain(x, ("batch", "length", "vision_embed")), None
+
+
+class VisionTower(nn.Module):
+  """float[B, H, W, 3] (CLIP-normalised) -> float[B, num_patches, hidden] (CLS dropped)."""
+  cfg: VisionConfig
+  dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
+  scan_unroll: int = 1
+
+  @nn.compact
+  def __call__(self, images):
+    c = self.cfg
+    b, hgt, wid, ch = images.shape
+    p = c.patch_size
+    if hgt != c.image_size or wid != c.image_size:
+      raise ValueError(f"images are {hgt}x{wid}; the vision tower expects "
+                       f"{c.image_size}x{c.image_size} (model.vision.image_size)")
+    # A convolution with kernel = stride = patch is a linear map of each patch.
+    patches = images.reshape(b, hgt // p, p, wid // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, c.num_patches, p, p, ch)
+    x = Dense(c.hidden_size, (None, None, None, "vision_embed"), in_dims=3, dtype=self.dtype,
+              name="patch_embed")(patches)
+    cls = self.param("class_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("vision_embed",)), (c.hidden_size,), jnp.float32)
+    pos = self.param("position_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, "vision_embed")),
+        (c.num_patches + 1, c.hidden_size), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c.hidden_size)), x], axis=1)
+    x = x + pos.astype(x.dtype)[None]
+    x = LayerNorm(c.layer_norm_eps, self.dtype, name="pre_layernorm")(x)
+    if c.layers_used:
+      stack = nn.scan(maybe_remat(VisionLayer, self.remat), variable_axes={"params": 0},
+                      split_rngs={"params": True}, length=c.layers_used,
+                      unroll=min(self.scan_unroll, c.layers_used), metadata_params=stack_axes())
+      x, _ = stack(c, self.dtype, name="layers")(x, None)
+    return x[:, 1:]

@@ -1,0 +1,102 @@
+"""Frozen model configs (hashable, so Flax modules can hold them).
+
+They are built from the ml-collections `config.model` section by `from_config`;
+configs/ and saisa_jax/presets.py hold the numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+ALIGNMENTS = ("llava", "naavit", "saisa")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: Optional[int] = None  # None: hidden_size // num_heads
+  rms_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  # None, or ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos).
+  rope_scaling: Optional[tuple] = None
+  tie_embeddings: bool = False
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  image_size: int
+  patch_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int          # layers of the full tower (as in its checkpoint)
+  num_heads: int
+  layer_norm_eps: float = 1e-5
+  select_layer: int = -2   # index into HF hidden_states (0 = embeddings)
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def layers_used(self) -> int:
+    """Layers that must run to produce hidden_states[select_layer]."""
+    n = self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+    if not 0 <= n <= self.num_layers:
+      raise ValueError(f"vision.select_layer={self.select_layer} is outside a "
+                       f"{self.num_layers}-layer tower")
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  llm: LlamaConfig
+  vision: VisionConfig
+  alignment: str = "saisa"
+  dtype: str = "float32"        # compute dtype; params are always float32
+  remat: str = "none"           # none | full | dots | dots_no_batch
+  scan_unroll: int = 1          # layers unrolled per scan step (num_layers: fully)
+
+  def __post_init__(self):
+    if self.alignment not in ALIGNMENTS:
+      raise ValueError(f"model.alignment={self.alignment!r}; choose one of {ALIGNMENTS}")
+
+  @property
+  def num_visual(self) -> int:
+    return self.vision.num_patches
+
+
+def _rope_scaling(value) -> Optional[tuple]:
+  if not value:
+    return None
+  value = dict(value)
+  kind = value.get("rope_type", value.get("type"))
+  if kind != "llama3":
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
+  return ("llama3", float(value["factor"]), float(value["low_freq_factor"]),
+          float(value["high_freq_factor"]), int(value["original_max_position_embeddings"]))
+
+
+def from_config(model: Any) -> ModelConfig:
+  """ml_collections `config.model` (or a dict) -> ModelConfig."""
+  get = (lambda d, k, default=None: d.get(k, default))
+  llm = dict(model["llm"])
+  llm["rope_scaling"] = _rope_scaling(llm.get("rope_scaling"))
+  llm_fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+  vis_fields = {f.name for f in dataclasses.fields(VisionConfig)}
+  return ModelConfig(
+      llm=LlamaConfig(**{k: v for k, v in llm.items() if k in llm_fields}),
+      vision=VisionConfig(**{k: v for k, v in dict(model["vision"]).items() if k in vis_fields}),
+      alignment=get(model, "alignment", "saisa"),
+      dtype=get(model, "dtype", "float32"),
+      remat=get(model, "remat", "none"),
+      scan_unroll=int(get(model, "scan_unroll", 1)),
+  )

@@ -1,0 +1,124 @@
+"""LLaMA-family decoder whose layers also serve SAISA's visual keys/values.
+
+A layer is one module with two entry points sharing its parameters:
+  visual_kv(f)   SAISA: P_l(f) -> input norm -> K (RoPE), V. No query, no FFN.
+  __call__(x)    the usual pre-norm block over the rows of x (text, or [visual; text]
+                 for llava / naavit), attending to extra visual keys when given.
+The Decoder stacks the layer with nn.scan (text pass) and nn.vmap (the visual pass of
+all layers at once: it depends on f only, not on earlier layers).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from saisa_jax.models.attention import attend
+from saisa_jax.models.config import ModelConfig
+from saisa_jax.models.layers import Dense, RMSNorm, constrain, dtype_of, maybe_remat, stack_axes
+from saisa_jax.models.projectors import MLPProjector
+from saisa_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    c, dt = self.cfg.llm, dtype_of(self.cfg.dtype)
+    hd = c.dim_per_head
+    self.input_norm = RMSNorm(c.rms_eps, dt)
+    self.q_proj = Dense((c.num_heads, hd), ("embed", "heads", "kv"), dtype=dt)
+    self.k_proj = Dense((c.num_kv_heads, hd), ("embed", "kv_heads", "kv"), dtype=dt)
+    self.v_proj = Dense((c.num_kv_heads, hd), ("embed", "kv_heads", "kv"), dtype=dt)
+    self.o_proj = Dense(c.hidden_size, ("heads", "kv", "embed"), in_dims=2, dtype=dt)
+    self.post_norm = RMSNorm(c.rms_eps, dt)
+    self.gate_proj = Dense(c.intermediate_size, ("embed", "mlp"), dtype=dt)
+    self.up_proj = Dense(c.intermediate_size, ("embed", "mlp"), dtype=dt)
+    self.down_proj = Dense(c.hidden_size, ("mlp", "embed"), dtype=dt)
+    if self.cfg.alignment == "saisa":
+      self.projector = MLPProjector(c.hidden_size, dt)
+
+  def visual_kv(self, feats, rope):
+    """feats float[B, V, c], rope (cos, sin)[B, V, hd] -> (k, v) float[B, V, Hkv, hd]."""
+    h = self.input_norm(self.projector(feats))
+    k = apply_rope(self.k_proj(h), *rope)
+    return k, self.v_proj(h)
+
+  def __call__(self, x, rope, mask, extra_kv: Optional[tuple] = None):
+    """x float[B, T, d]; mask bool[B, T, V+T] with visual keys (extra_kv) first."""
+    h = self.input_norm(x)
+    q = apply_rope(self.q_proj(h), *rope)
+    k = apply_rope(self.k_proj(h), *rope)
+    v = self.v_proj(h)
+    if extra_kv is not None:
+      k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=1)
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    attn = constrain(attend(q, k, v, mask), ("batch", "length", "heads", "kv"))
+    x = x + self.o_proj(attn)
+    h = self.post_norm(x)
+    gated = nn.silu(self.gate_proj(h)) * self.up_proj(h)
+    gated = constrain(gated, ("batch", "length", "mlp"))
+    x = x + self.down_proj(gated)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class Decoder(nn.Module):
+  """Embedding, the layer stack and the LM head.
+
+  Params: embed [vocab, d]; layers/* stacked with a leading `layers` axis; norm;
+  lm_head [d, vocab] unless embeddings are tied.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg.llm
+    self.embedding = nn.Embed(
+        c.vocab_size, c.hidden_size, dtype=dtype_of(self.cfg.dtype), param_dtype=jnp.float32,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+    self.layers = DecoderLayer(self.cfg)
+    self.norm = RMSNorm(c.rms_eps, dtype_of(self.cfg.dtype))
+    if not c.tie_embeddings:
+      self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=dtype_of(self.cfg.dtype))
+    self.inv_freq = inverse_frequencies(c.dim_per_head, c.rope_theta, c.rope_scaling)
+
+  def embed(self, tokens):
+    """int32[B, T] -> float[B, T, d]."""
+    return constrain(self.embedding(tokens), ("batch", "length", "embed"))
+
+  def rope(self, positions):
+    return rope_tables(positions, self.inv_freq)
+
+  def visual_kv(self, feats, positions):
+    """SAISA: every layer's visual keys/values in one batched pass.
+
+    feats float[B, V, c], positions int32[B, V] -> (k, v) float[layers, B, V, Hkv, hd].
+    """
+    fn = nn.vmap(lambda layer, f, rope: layer.visual_kv(f, rope),
+                 variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(None, None), axis_size=self.cfg.llm.num_layers,
+                 metadata_params=stack_axes())
+    return fn(self.layers, feats, self.rope(positions))
+
+  def __call__(self, x, positions, mask, visual_kv: Optional[tuple] = None):
+    """Runs all layers. x float[B, T, d]; visual_kv from `visual_kv` or None."""
+    def body(layer, carry, kv):
+      return layer(carry, rope, mask, kv), None
+
+    rope = self.rope(positions)
+    scan = nn.scan(maybe_remat(body, self.cfg.remat),
+                   variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=0, length=self.cfg.llm.num_layers,
+                   unroll=min(self.cfg.scan_unroll, self.cfg.llm.num_layers), metadata_params=stack_axes())
+    x, _ = scan(self.layers, x, visual_kv)
+    return x
+
+  def logits(self, x):
+    """float[B, T, d] -> float32[B, T, vocab] (final norm + head)."""
+    x = self.norm(x)
+    if self.cfg.llm.tie_embeddings:
+      out = self.embedding.attend(x)
+    else:
+      out = self.lm_head(x)
+    return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -1,0 +1,32 @@
+"""The attention mask of all three alignments, computed from sequence positions."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def attention_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment: str):
+  """bool[B, Q, K]: may query q attend to key k?
+
+  q_pos int32[B, Q], q_visual bool[B, Q], k_pos int32[B, K], k_visual bool[B, K],
+  k_valid bool[B, K]. Arrays may list tokens in any order: only positions matter.
+
+  One rule for all: a key is seen iff it is valid and not after the query
+  (k_pos <= q_pos). naavit also hides every other visual token from a visual query.
+  Worked example, prompt `t0 [v1 v2] t3 t4` (positions 0..4; x = attends):
+
+      llava (causal)        naavit                saisa (text queries only;
+           t0 v1 v2 t3 t4        t0 v1 v2 t3 t4    keys are visual + text)
+      t0   x                t0   x                     v1 v2 t0 t3 t4
+      v1   x  x             v1   x  x             t0         x
+      v2   x  x  x          v2   x     x          t3   x  x  x  x
+      t3   x  x  x  x       t3   x  x  x  x       t4   x  x  x  x  x
+      t4   x  x  x  x  x    t4   x  x  x  x  x
+
+  Text before an image never sees it; text after sees all of its visual tokens.
+  """
+  mask = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+  if alignment == "naavit":
+    other_visual = (q_visual[:, :, None] & k_visual[:, None, :]
+                    & (k_pos[:, None, :] != q_pos[:, :, None]))
+    mask = mask & ~other_visual
+  return mask
