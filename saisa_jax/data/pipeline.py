@@ -135,7 +135,11 @@ class DataIterator:
     return self
 
   def __next__(self) -> dict:
-    batch = next(self._it)
+    try:
+      batch = next(self._it)
+    except BaseException:  # end of data or a bad example: stop the worker processes
+      self.close()
+      raise
     self._skipped += batch.pop(SKIP_KEY)
     return batch
 

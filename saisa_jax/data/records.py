@@ -80,11 +80,11 @@ def parse_record(raw: Any, *, source: str = "", index: int = -1) -> Record:
     try:
       text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as e:
-      raise BadExample("non_utf8", f"line {index}: {e}", source=source, record_id=rid)
+      raise BadExample("non_utf8", f"record #{index}: {e}", source=source, record_id=rid)
     try:
       raw = json.loads(text)
     except json.JSONDecodeError as e:
-      raise BadExample("invalid_json", f"line {index}: {e}", source=source, record_id=rid)
+      raise BadExample("invalid_json", f"record #{index}: {e}", source=source, record_id=rid)
   if not isinstance(raw, dict):
     raise BadExample("invalid_record", f"expected an object, got {type(raw).__name__}",
                      source=source, record_id=rid)

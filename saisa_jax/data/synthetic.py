@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from saisa_jax.data import shapes
+from saisa_jax.data.config import get_data_config
 from saisa_jax.data.records import write_records
 from saisa_jax.data.templates import SYSTEM
 
@@ -99,3 +100,23 @@ def generate(out: str, n_train: int = 20_000, n_test: int = 1_000, seed: int = 0
   with open(os.path.join(out, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)
   return meta
+
+
+def embedded_config(data_dir: str, stage: str = "vqa", image_size: int = 32,
+                    num_visual: int = 16, batch_size: int = 64):
+  """The data section for the embedded set under `data_dir`.
+
+  stage 'caption': caption_train.json with template 'plain' (pre-training);
+  stage 'vqa': vqa_train.json with 'vicuna_v1' (instruction tuning). Samples are
+  at most ~45 text tokens, so one bucket of 48 (64 is the cap) serves both.
+  """
+  c = get_data_config()
+  c.json_path = os.path.join(data_dir, {"caption": "caption_train.json",
+                                        "vqa": "vqa_train.json"}[stage])
+  c.template = {"caption": "plain", "vqa": "vicuna_v1"}[stage]
+  c.image_root = os.path.join(data_dir, "images")
+  c.tokenizer = os.path.join(data_dir, "tokenizer")
+  c.max_len, c.len_buckets = 64, (48, 64)
+  c.max_images = 1
+  c.image_size, c.num_visual, c.batch_size = image_size, num_visual, batch_size
+  return c

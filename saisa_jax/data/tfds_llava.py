@@ -33,6 +33,14 @@ class LlavaRecords(tfds.core.GeneratorBasedBuilder):
   def _get_builder_name(cls):  # stable name whatever the module is called
     return NAME
 
+  # tfds' own lookup of this file needs the importlib_resources backport for a
+  # package module; the answer is simply this file.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    from etils import epath
+    return epath.Path(__file__)
+
   def _info(self) -> tfds.core.DatasetInfo:
     obj = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
     return tfds.core.DatasetInfo(

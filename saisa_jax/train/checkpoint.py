@@ -1,0 +1,119 @@
+"""Orbax checkpoints.
+
+Training (`Checkpoints`): one CheckpointManager under WORKDIR/checkpoints holding, per
+step, the train state (sharded arrays, async), this host's data-iterator state (one
+JSON per process, through grain's handler) and the config; keep N, every K steps, and
+on demand (SIGTERM). Resume restores all three, so the next batch is the one that
+would have come.
+
+Models (`save_model` / `load_params`): DIR/params (orbax) + DIR/config.json, the
+format saisa-import writes and saisa-train (init_from) / saisa-eval read. A training
+WORKDIR (or WORKDIR/STAGE) is accepted wherever a model directory is.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class _IteratorState:
+  """Adapts a get_state() -> dict iterator to grain's checkpoint handler (bytes)."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.iterator.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class Checkpoints:
+  def __init__(self, directory: str, keep: int = 3, every: int = 1000, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                             enable_async_checkpointing=async_save, create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator, config, force: bool = False) -> bool:
+    args = {"state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort()))}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))
+    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    if saved:
+      logging.info("checkpoint at step %d -> %s", step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores the state onto the shardings carried by `abstract_state`."""
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
+    return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def save_model(directory: str, params, config) -> None:
+  """DIR/params (orbax) + DIR/config.json: a model others can load."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(directory, "params"), params, force=True)
+  ckpt.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(directory: str) -> ml_collections.ConfigDict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {directory} is not a saisa-jax model "
+                            f"directory (expected params/ and config.json, as written by "
+                            f"saisa-train or saisa-import)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def resolve_model_dir(path: str) -> str:
+  """A model directory, a training stage dir (its final model) or a workdir (last stage)."""
+  path = os.path.abspath(path)
+  if os.path.exists(os.path.join(path, "params")):
+    return path
+  if os.path.exists(os.path.join(path, "model", "params")):
+    return os.path.join(path, "model")
+  raise FileNotFoundError(
+      f"no model at {path}: expected {path}/params + config.json (saisa-import), or a "
+      f"training workdir whose finished stage wrote {path}/model")
+
+
+def load_params(directory: str, abstract_params=None):
+  """-> params; `abstract_params` (ShapeDtypeStructs with shardings) places them."""
+  directory = resolve_model_dir(directory)
+  ckpt = ocp.StandardCheckpointer()
+  target = os.path.join(directory, "params")
+  return ckpt.restore(target, abstract_params) if abstract_params is not None else ckpt.restore(target)

@@ -1,0 +1,34 @@
+"""Training curves (loss and token accuracy per stage) from metrics.jsonl to a PNG."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def plot_curves(workdir: str, out: str | None = None, title: str = "") -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if l.strip()]
+  stages = list(dict.fromkeys(r["stage"] for r in rows))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  offset = 0
+  for stage in stages:
+    rs = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["step"])
+    rs = list({r["step"]: r for r in rs}.values())  # a resumed run re-logs some steps
+    steps = [offset + r["step"] for r in rs]
+    axes[0].plot(steps, [r["loss"] for r in rs], label=stage)
+    axes[1].plot(steps, [r["accuracy"] for r in rs], label=stage)
+    offset = steps[-1] if steps else offset
+  axes[0].set(xlabel="step", ylabel="loss (assistant tokens)", yscale="log")
+  axes[1].set(xlabel="step", ylabel="token accuracy", ylim=(0, 1))
+  for ax in axes:
+    ax.legend()
+    ax.grid(alpha=0.3)
+  fig.suptitle(title)
+  out = out or os.path.join(workdir, "curves.png")
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out

@@ -1,0 +1,93 @@
+"""Device mesh and logical-axis sharding rules (MaxText style, rules in config).
+
+config.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}: -1 takes the devices left.
+config.mesh.rules = [[logical, mesh axis | [axes] | None], ...].
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.experimental.mesh_utils
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vision_embed", None),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def mesh_shape(shape: dict, num_devices: int) -> tuple[int, ...]:
+  """Resolves one -1 entry; the product must equal the device count."""
+  sizes = [int(shape.get(a, 1)) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh.shape {dict(shape)}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh.shape {dict(shape)} does not divide {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh.shape {dict(shape)} uses {math.prod(sizes)} devices; "
+                     f"{num_devices} are present (use -1 for one axis)")
+  return tuple(sizes)
+
+
+def make_mesh(shape: dict, devices: Sequence | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = mesh_shape(shape, len(devices))
+  try:
+    grid = jax.experimental.mesh_utils.create_device_mesh(
+        sizes, devices, allow_split_physical_axes=True)
+  except Exception:  # CPU / odd counts: plain order is as good as any
+    grid = np.asarray(devices).reshape(sizes)
+  return Mesh(grid, AXES)
+
+
+def rules_from_config(rules) -> tuple:
+  if not rules:
+    return DEFAULT_RULES
+  return tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax) for name, ax in rules)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
+  """Boxed (LogicallyPartitioned) abstract variables -> a tree of NamedShardings."""
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
+  shapes = nn.meta.unbox(abstract_tree)
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit(s, mesh, x.shape)), specs, shapes,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _fit(spec: PartitionSpec, mesh: Mesh, shape=None) -> PartitionSpec:
+  """Drops mesh axes of size 1, and axes that do not divide the dimension (e.g. 9
+  heads over tensor=2), so one rule table stays valid on any mesh and model."""
+  def keep(ax, dim):
+    if ax is None:
+      return None
+    axes, size = [], 1
+    for a in (ax if isinstance(ax, tuple) else (ax,)):
+      if mesh.shape[a] > 1 and (dim is None or dim % (size * mesh.shape[a]) == 0):
+        axes.append(a)
+        size *= mesh.shape[a]
+    return tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)
+  dims = shape if shape is not None else [None] * len(spec)
+  return PartitionSpec(*(keep(a, d) for a, d in zip(spec, dims)))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, _fit(PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))), mesh))

@@ -1,0 +1,201 @@
+"""saisa-train: the training loop (linear; one banner per phase).
+
+  saisa-train --config configs/default.py --workdir DIR [--config.field=value ...]
+
+WORKDIR/<stage>/checkpoints  orbax: train state + data-iterator state + config
+WORKDIR/<stage>/model        the stage's final params (init of the next stage)
+WORKDIR/model                the final model (saisa-eval, saisa-export read it)
+WORKDIR/metrics.jsonl, tensorboard/, curves.png, eval/results.json
+Rerunning the same command resumes from the latest checkpoint; finished stages are
+skipped. SIGTERM (preemption) saves a checkpoint and exits with code 143.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saisa_jax.data.pipeline import make_iterator
+from saisa_jax.models.build import build
+from saisa_jax.train import checkpoint as ckpt_lib
+from saisa_jax.train.curves import plot_curves
+from saisa_jax.train.mesh import batch_sharding, make_mesh, rules_from_config
+from saisa_jax.train.metrics import MetricWriter, progress_line
+from saisa_jax.train.optim import make_optimizer
+from saisa_jax.train.stages import stage_config, stage_names
+from saisa_jax.train.state import abstract_params, init_state, state_shardings
+from saisa_jax.train.step import TRAIN_KEYS, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and models go.")
+
+
+class _Preempted:
+  """SIGTERM sets a flag; the loop saves and exits between steps."""
+
+  def __init__(self):
+    self.flag = False
+    signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, *_):
+    logging.warning("SIGTERM: saving a checkpoint and stopping")
+    self.flag = True
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """Per-host numpy batch -> global jax arrays sharded over (data, fsdp)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(batch[k])),
+                                                     np.asarray(batch[k]))
+          for k in TRAIN_KEYS}
+
+
+def maybe_initialize_distributed(config) -> None:
+  # Several hosts: each runs this same command; JAX finds its peers (TPU pods: from
+  # the metadata server; SLURM / GPU: from the environment the launcher sets).
+  if config.train.get("distributed", False) or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    jax.distributed.initialize()
+
+
+def blind_batch(batch: dict) -> dict:
+  batch = dict(batch)
+  batch["image_slots"] = np.full_like(batch["image_slots"], -1)
+  return batch
+
+
+def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Preempted):
+  """Trains one stage to config.<name>.steps; returns its final params (host numpy)."""
+  sc = stage_config(config, name)
+  stage_dir = os.path.join(workdir, name)
+  model_dir = os.path.join(stage_dir, "model")
+  if os.path.exists(os.path.join(model_dir, "config.json")):
+    print(f"[{name}] finished earlier: loading {model_dir}", flush=True)
+    return ckpt_lib.load_params(model_dir)
+
+  # ---------------- Create model & optimizer ----------------
+  model, cfg = build(sc.model)
+  rules = rules_from_config(sc.mesh.rules)
+  import flax.linen as nn
+  tx, lr_fn, trainable = make_optimizer(sc.optim, nn.meta.unbox(abstract_params(model, cfg)))
+  abstract_state, shardings = state_shardings(model, cfg, tx, mesh, rules)
+  total = int(sc.optim.total_steps)
+
+  # ---------------- Input pipeline ----------------
+  data_iter = make_iterator(sc)
+
+  # ---------------- Init or restore, onto the devices ----------------
+  ckpts = ckpt_lib.Checkpoints(os.path.join(stage_dir, "checkpoints"), keep=sc.train.keep,
+                               every=sc.train.ckpt_every)
+  latest = ckpts.latest_step()
+  if latest is not None:
+    print(f"[{name}] resuming from step {latest} ({ckpts.directory})", flush=True)
+    state = ckpts.restore(latest, abstract_state, data_iter)
+  else:
+    params = init_params
+    if params is None and sc.get("init_from"):
+      print(f"[{name}] initialising from {sc.init_from}", flush=True)
+      params = ckpt_lib.load_params(sc.init_from, abstract_state["params"])
+    state = init_state(model, cfg, tx, shardings, jax.random.key(sc.train.seed), params=params)
+
+  # ---------------- Update step ----------------
+  # The state is donated: params and optimizer state are updated in place.
+  step_fn = jax.jit(make_train_step(model, tx, lr_fn, trainable, int(sc.optim.accum_steps)),
+                    in_shardings=(shardings, None), out_shardings=(shardings, None),
+                    donate_argnums=0)
+
+  # ---------------- Train loop ----------------
+  writer = MetricWriter(workdir, name)
+  step = int(jax.device_get(state["step"]))
+  bad_steps = jnp.zeros((), jnp.int32)
+  t_last, step_last, tokens_since = time.time(), step, 0
+  print(f"[{name}] {cfg.alignment} model, {step}/{total} steps, global batch "
+        f"{sc.data.batch_size}, mesh {dict(mesh.shape)}", flush=True)
+  while step < total:
+    batch = next(data_iter)
+    if sc.train.blind:
+      batch = blind_batch(batch)
+    tokens_since += int(batch["text_mask"].sum())
+    state, metrics = step_fn(state, to_global(batch, mesh))
+    bad_steps = bad_steps + (1 - metrics["finite"].astype(jnp.int32))
+    step += 1
+    log_now = step % sc.train.log_every == 0 or step == total
+    if log_now or step % sc.train.ckpt_every == 0 or preempted.flag:
+      if int(bad_steps):
+        ckpts.close()
+        raise FloatingPointError(
+            f"[{name}] non-finite loss or gradient at or before step {step}; the update was "
+            f"not applied. Last good checkpoint: step {ckpts.latest_step()} in "
+            f"{ckpts.directory}. Lower optim.lr / check the data, then rerun to resume.")
+    if log_now:
+      m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+      dt = time.time() - t_last
+      m["steps_per_s"] = (step - step_last) / dt
+      m["step_time_ms"] = 1000 * dt / (step - step_last)
+      m["tokens_per_s"] = tokens_since / dt
+      m["skipped"] = sum(data_iter.skipped.values())
+      writer.write(step, m)
+      print(progress_line(name, step, total, m, (total - step) / m["steps_per_s"]), flush=True)
+      if data_iter.skipped:
+        print(f"[{name}] skipped examples by kind: {data_iter.skipped}", flush=True)
+      t_last, step_last, tokens_since = time.time(), step, 0
+    ckpts.save(step, state, data_iter, sc, force=preempted.flag or step == total)
+    if preempted.flag:
+      ckpts.close()
+      print(f"[{name}] preempted at step {step}; checkpoint saved", flush=True)
+      sys.exit(143)
+  ckpts.close()
+  writer.close()
+  params = jax.device_get(state["params"])
+  ckpt_lib.save_model(model_dir, params, sc)
+  return params
+
+
+def main(argv=None):
+  app.run(_main, argv=argv)
+
+
+def _main(argv):
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if not workdir:
+    sys.exit("saisa-train: --workdir is required")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  maybe_initialize_distributed(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.time()
+
+  # ---------------- Set up mesh ----------------
+  mesh = make_mesh(config.mesh.shape.to_dict())
+
+  # ---------------- Data that ships with the package ----------------
+  if config.get("embedded") and config.embedded.enabled:
+    from saisa_jax.data.embedded import prepare_embedded
+    config = prepare_embedded(config)
+
+  # ---------------- Stages ----------------
+  params = None
+  for name in stage_names(config):
+    params = run_stage(config, name, workdir, mesh, params, _Preempted())
+  final = stage_config(config, stage_names(config)[-1])
+  ckpt_lib.save_model(os.path.join(workdir, "model"), params, final)
+  if jax.process_index() == 0:
+    print(f"curves: {plot_curves(workdir, title=f'{config.model.alignment}')}", flush=True)
+
+  # ---------------- Held-out eval ----------------
+  if config.get("eval") and config.eval.enabled:
+    from saisa_jax.eval.embedded_eval import evaluate_embedded
+    result = evaluate_embedded(final, params, workdir)
+    print(f"training + eval wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
+    print(f"held-out accuracy: {result['accuracy']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
