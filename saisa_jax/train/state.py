@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from saisa_jax.models.build import dummy_batch
@@ -27,14 +26,33 @@ def state_shardings(model, cfg, tx, mesh, rules):
   param_sh = logical_shardings(boxed, mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_abstract = jax.eval_shape(tx.init, params)
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, param_sh,
-                                 transform_non_params=lambda _: replicated)
+  opt_sh = _like_params(opt_abstract, params, param_sh, replicated)
   shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh}
   abstract = {"step": jax.ShapeDtypeStruct((), "int32"), "params": params,
               "opt_state": opt_abstract}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings
+
+
+def _dict_keys(path) -> tuple:
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _like_params(opt_abstract, params, param_sh, default):
+  """Optimizer-state leaves shaped like a param (Adam's mu / nu, ...) take that param's
+  sharding, matched by their trailing dict-key path; anything else is replicated."""
+  by_path = {_dict_keys(p): (leaf.shape, sh) for (p, leaf), sh in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh))}
+
+  def pick(path, leaf):
+    keys = _dict_keys(path)
+    for i in range(len(keys)):
+      hit = by_path.get(keys[i:])
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return default
+  return jax.tree_util.tree_map_with_path(pick, opt_abstract)
 
 
 def init_state(model, cfg, tx, shardings, rng, params=None):

@@ -52,7 +52,7 @@ def make_train_step(model, tx, lr_fn, trainable, accum_steps: int = 1):
     loss = sums["loss_sum"] / tokens
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     # A non-finite step leaves the state untouched; the trainer stops on it.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)

@@ -11,6 +11,7 @@ skipped. SIGTERM (preemption) saves a checkpoint and exits with code 143.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ import time
 
 from absl import app, flags
 from ml_collections import config_flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,30 @@ def blind_batch(batch: dict) -> dict:
   return batch
 
 
+@dataclasses.dataclass
+class StageSetup:
+  model: object
+  cfg: object
+  tx: object
+  trainable: object
+  abstract_state: dict
+  shardings: dict
+  step_fn: object
+
+
+def setup_stage(sc, mesh) -> StageSetup:
+  """Model, optimizer, state shardings and the jitted, sharded, donating step."""
+  model, cfg = build(sc.model)
+  rules = rules_from_config(sc.mesh.rules)
+  tx, lr_fn, trainable = make_optimizer(sc.optim, nn.meta.unbox(abstract_params(model, cfg)))
+  abstract_state, shardings = state_shardings(model, cfg, tx, mesh, rules)
+  # The state is donated: params and optimizer state are updated in place.
+  step_fn = jax.jit(make_train_step(model, tx, lr_fn, trainable, int(sc.optim.accum_steps)),
+                    in_shardings=(shardings, None), out_shardings=(shardings, None),
+                    donate_argnums=0)
+  return StageSetup(model, cfg, tx, trainable, abstract_state, shardings, step_fn)
+
+
 def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Preempted):
   """Trains one stage to config.<name>.steps; returns its final params (host numpy)."""
   sc = stage_config(config, name)
@@ -79,12 +105,9 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
     print(f"[{name}] finished earlier: loading {model_dir}", flush=True)
     return ckpt_lib.load_params(model_dir)
 
-  # ---------------- Create model & optimizer ----------------
-  model, cfg = build(sc.model)
-  rules = rules_from_config(sc.mesh.rules)
-  import flax.linen as nn
-  tx, lr_fn, trainable = make_optimizer(sc.optim, nn.meta.unbox(abstract_params(model, cfg)))
-  abstract_state, shardings = state_shardings(model, cfg, tx, mesh, rules)
+  # ---------------- Create model, optimizer and the sharded step ----------------
+  setup = setup_stage(sc, mesh)
+  model, cfg, abstract_state, shardings = setup.model, setup.cfg, setup.abstract_state, setup.shardings
   total = int(sc.optim.total_steps)
 
   # ---------------- Input pipeline ----------------
@@ -102,13 +125,10 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
     if params is None and sc.get("init_from"):
       print(f"[{name}] initialising from {sc.init_from}", flush=True)
       params = ckpt_lib.load_params(sc.init_from, abstract_state["params"])
-    state = init_state(model, cfg, tx, shardings, jax.random.key(sc.train.seed), params=params)
+    state = init_state(model, cfg, setup.tx, shardings, jax.random.key(sc.train.seed),
+                       params=params)
 
-  # ---------------- Update step ----------------
-  # The state is donated: params and optimizer state are updated in place.
-  step_fn = jax.jit(make_train_step(model, tx, lr_fn, trainable, int(sc.optim.accum_steps)),
-                    in_shardings=(shardings, None), out_shardings=(shardings, None),
-                    donate_argnums=0)
+  step_fn = setup.step_fn
 
   # ---------------- Train loop ----------------
   writer = MetricWriter(workdir, name)
