@@ -34,7 +34,7 @@ def commands(a) -> dict[str, list[list[str]]]:
   copy = gcloud_tpu("scp", "--recurse", a.source, f"{a.name}:~/saisa-jax", "--worker=all",
                     zone=z, project=p)
   install = gcloud_tpu("ssh", a.name, "--worker=all", zone=z, project=p) + [
-      "--command=cd ~/saisa-jax && python3 -m pip install -q -e '.[tpu]'"]
+      "--command=cd ~/saisa-jax && python3 -m pip install -q -e .[tpu]"]
   train_args = ["saisa-train", f"--config={a.config}", f"--workdir={a.workdir}",
                 "--config.train.distributed=True", *a.train_args]
   train = gcloud_tpu("ssh", a.name, "--worker=all", zone=z, project=p) + [

@@ -21,7 +21,7 @@ def test_tpu_pod_dry_run():
                       "--accelerator-type=v5p-64 --version=v2-alpha-tpuv5 --spot")
   assert lines[1] == ("+ gcloud compute tpus tpu-vm scp --recurse . 'saisa-pod:~/saisa-jax' "
                       "--worker=all --zone=us-east5-a")
-  assert "--worker=all" in lines[2] and "pip install -q -e '.[tpu]'" in lines[2]
+  assert "--worker=all" in lines[2] and "pip install -q -e .[tpu]" in lines[2]
   assert lines[3].startswith("+ gcloud compute tpus tpu-vm ssh saisa-pod --worker=all")
   assert ("saisa-train --config=configs/saisa.py:llm=vicuna7b --workdir=gs://b/run "
           "--config.train.distributed=True --config.finetune.steps=10") in lines[3]
