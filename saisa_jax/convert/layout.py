@@ -169,3 +169,72 @@ def _assign(tree, path, value):
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------- streaming
+# Added for saisa-import / saisa-export, which never hold a second full copy of a model:
+# they need the torch-side shape of every tensor before any tensor is read or written.
+
+def theirs_shape(rule: Rule, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The torch shape of one tensor (one layer when stacked) from our leaf's shape."""
+  if rule.kind == "linear":
+    n_in = int(np.prod(our_shape[:rule.in_dims]))
+    return (int(np.prod(our_shape[rule.in_dims:])), n_in)
+  if rule.kind == "patch":
+    kh, kw, cin, cout = our_shape
+    return (cout, cin, kh, kw)
+  if rule.ours[-1] == "bias":  # q/k/v biases are [heads, head_dim] here, flat in torch
+    return (int(np.prod(our_shape)),)
+  return tuple(our_shape)
+
+
+def layer_shape(rule: Rule, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Our leaf shape without the stacked layer axis (when the rule is stacked)."""
+  return tuple(leaf_shape[1:]) if is_stacked(rule) else tuple(leaf_shape)
+
+
+def clip_tail_names(cfg: ModelConfig, prefix: str = "") -> list[str]:
+  """Tensors a complete CLIPVisionModel has that our params never hold: the layers
+  after `layers_used` (they cannot change hidden_states[select_layer]) and the
+  post_layernorm (applied to the pooled output only)."""
+  names = [prefix + "post_layernorm.weight", prefix + "post_layernorm.bias"]
+  per_layer = ([f"self_attn.{n}.{p}" for n in ("q_proj", "k_proj", "v_proj", "out_proj")
+                for p in ("weight", "bias")]
+               + [f"mlp.{n}.{p}" for n in ("fc1", "fc2") for p in ("weight", "bias")]
+               + [f"{n}.{p}" for n in ("layer_norm1", "layer_norm2") for p in ("weight", "bias")])
+  for l in range(cfg.vision.layers_used, cfg.vision.num_layers):
+    names += [f"{prefix}encoder.layers.{l}.{n}" for n in per_layer]
+  return names
+
+
+def clip_tail_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+  """Shape of a `clip_tail_names` tensor."""
+  c, m = cfg.vision.hidden_size, cfg.vision.intermediate_size
+  if name.endswith("fc1.weight"):
+    return (m, c)
+  if name.endswith("fc1.bias"):
+    return (m,)
+  if name.endswith("fc2.weight") or name.endswith("proj.weight"):
+    return (c, m) if "fc2" in name else (c, c)
+  return (c,)
+
+
+def canonical_name(name: str) -> str:
+  """One spelling for the names of the same tensor across checkpoint generations:
+
+    language_model.model.X   -> model.language_model.X   (HF Llava, saved by transformers)
+    language_model.lm_head.X -> lm_head.X
+    vision_tower.X           -> model.vision_tower.X
+    multi_modal_projector.X  -> model.multi_modal_projector.X
+    ...vision_model.X        -> ...X  (CLIPVisionModel before / after transformers 5)
+  """
+  for old, new in (("language_model.model.", "model.language_model."),
+                   ("language_model.lm_head.", "lm_head."),
+                   ("vision_tower.", "model.vision_tower."),
+                   ("multi_modal_projector.", "model.multi_modal_projector.")):
+    if name.startswith(old):
+      name = new + name[len(old):]
+      break
+  if name.startswith("vision_model."):
+    name = name[len("vision_model."):]
+  return name.replace(".vision_model.", ".")
