@@ -19,7 +19,8 @@ def small_config(embedded_dir: str, **arg):
   c.data.read_threads = 1
   c.pretrain.json_path = os.path.join(embedded_dir, "caption_train.json")
   c.finetune.json_path = os.path.join(embedded_dir, "vqa_train.json")
-  c.eval.json_path = os.path.join(embedded_dir, "vqa_test.json")
+  c.eval.sets.embedded.question_file = os.path.join(embedded_dir, "vqa_test.json")
+  c.eval.sets.embedded.image_root = os.path.join(embedded_dir, "images")
   c.eval.enabled = False
   c.train.log_every = 1
   c.train.ckpt_every = 2

@@ -25,6 +25,8 @@ def get_data_config() -> ml_collections.ConfigDict:
   # directory or file (tokenizer.json / tokenizer.model) loaded through transformers.
   c.template = "vicuna_v1"
   c.tokenizer = ""
+  # None: the template's own system prompt; "" drops it (a cheap prompt for toy tasks).
+  c.system_prompt = ml_collections.config_dict.placeholder(str)
   c.max_len = 2048          # text tokens per sample (the largest bucket)
   c.len_buckets = (256, 512, 1024, 2048)  # batch text length L is the smallest that fits
   c.max_seq_len = 0         # text + visual positions per sample; 0: no limit

@@ -48,8 +48,11 @@ def prepare_embedded(config) -> ml_collections.ConfigDict:
   for stage, kind in (("pretrain", "caption"), ("finetune", "vqa")):
     if stage in config and not config[stage].get("json_path"):
       config[stage].json_path = os.path.join(out, f"{kind}_train.json")
-  if "eval" in config and not config.eval.get("json_path"):
-    config.eval.json_path = os.path.join(out, "vqa_test.json")
+  sets = config.get("eval", {}).get("sets", {})
+  for spec in sets.values():
+    if spec.get("kind") == "embedded" and not spec.get("question_file"):
+      spec.question_file = os.path.join(out, "vqa_test.json")
+      spec.image_root = os.path.join(out, "images")
   vocab = len(load_tokenizer(config.data.tokenizer))
   if config.model.llm.vocab_size < vocab:
     config.model.llm.vocab_size = vocab

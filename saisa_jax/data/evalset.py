@@ -43,7 +43,8 @@ def eval_examples(config, json_path: str, image_root: str | None = None,
     src_raw = src[i]["raw"]
     out.append({"id": rec.id, "type": src_raw.get("type", "") if isinstance(src_raw, dict) else "",
                 "answer": conv[-1]["value"],
-                "segments": prompt_segments(conv[:-1], template, tok, pixels)})
+                "segments": prompt_segments(conv[:-1], template, tok, pixels,
+                                               data.get("system_prompt"))})
   return out
 
 

@@ -35,6 +35,7 @@ class SampleSpec:
   image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
   image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
   max_image_pixels: int = 50_000_000
+  system_prompt: str | None = None  # None: the template's own
 
   @classmethod
   def from_config(cls, data, image_size: int, num_visual: int) -> "SampleSpec":
@@ -43,7 +44,8 @@ class SampleSpec:
                num_visual=num_visual, max_len=data.max_len, max_images=data.max_images,
                max_seq_len=data.max_seq_len, truncate=data.truncate,
                image_aspect=data.image_aspect, image_mean=tuple(data.image_mean),
-               image_std=tuple(data.image_std), max_image_pixels=data.max_image_pixels)
+               image_std=tuple(data.image_std), max_image_pixels=data.max_image_pixels,
+               system_prompt=data.get("system_prompt"))
 
 
 def shifted_targets(ids: list[int], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +97,7 @@ def make_sample(rec: Record, spec: SampleSpec, tokenizer, image_bytes=None) -> d
       raise rec.bad("too_many_images", f"{len(rec.images)} images > data.max_images = "
                     f"{spec.max_images}")
     ids, labels = encode_conversation(rec.conversations, spec.template, tokenizer,
-                                      len(rec.images), rec.id)
+                                      len(rec.images), rec.id, spec.system_prompt)
   except BadExample as e:
     raise e if e.source else rec.bad(e.kind, e.problem)
 
@@ -152,7 +154,7 @@ def split_segments(ids: list[int], pixels: list[np.ndarray]) -> list:
 
 
 def prompt_segments(conversations: list[dict], template: str, tokenizer,
-                    pixels: list[np.ndarray]) -> list:
+                    pixels: list[np.ndarray], system: str | None = None) -> list:
   """Segments of a generation prompt (ending right after "ASSISTANT:") for pack_sample."""
-  return split_segments(prompt_ids(conversations, template, tokenizer, len(pixels)),
+  return split_segments(prompt_ids(conversations, template, tokenizer, len(pixels), system),
                         pixels)

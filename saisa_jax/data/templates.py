@@ -48,10 +48,12 @@ TEMPLATES = {
 TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, system: str | None = None) -> Template:
+  """`system` replaces the template's system prompt (None: keep it; "": none)."""
   if name not in TEMPLATES:
     raise ValueError(f"unknown template {name!r}; choose from {sorted(TEMPLATES)}")
-  return TEMPLATES[name]
+  t = TEMPLATES[name]
+  return t if system is None else dataclasses.replace(t, system=system)
 
 
 def tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
@@ -86,7 +88,7 @@ def move_image_to_front(conversations: list[dict]) -> list[dict]:
 def conversation_prompt(t: Template, messages: list[tuple[str, str | None]]) -> str:
   """LLaVA's Conversation.get_prompt for SeparatorStyle.TWO (None: open turn)."""
   seps = (t.sep, t.sep2)
-  ret = t.system + seps[0]
+  ret = t.system + seps[0] if t.system else ""
   for i, (role, message) in enumerate(messages):
     # LLaVA tests truthiness: an empty message is written like an open turn.
     ret += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
@@ -126,9 +128,10 @@ def _encode_plain(conversations, tokenizer, num_images, rid):
 
 
 def encode_conversation(conversations: list[dict], template: str, tokenizer,
-                        num_images: int, record_id=None) -> tuple[list[int], list[int]]:
+                        num_images: int, record_id=None,
+                        system: str | None = None) -> tuple[list[int], list[int]]:
   """LLaVA conversations -> (input_ids with IMAGE_ID, labels with IGNORE)."""
-  t = get_template(template)
+  t = get_template(template, system)
   if num_images:
     conversations = move_image_to_front(conversations)
   if t.style == "plain":
@@ -163,15 +166,15 @@ def encode_conversation(conversations: list[dict], template: str, tokenizer,
   if cur != total_len:
     # LLaVA masks the whole sample ("tokenization mismatch ... (ignored)").
     raise BadExample("tokenization_mismatch", f"rounds add up to {cur} tokens, the "
-                     f"conversation has {total_len} (template {t.name!r})", record_id=rid)
+                     f"conversation has {total_len} (template {t.name!r})", record_id=record_id)
   return ids, labels
 
 
 def prompt_ids(conversations: list[dict], template: str, tokenizer,
-               num_images: int) -> list[int]:
+               num_images: int, system: str | None = None) -> list[int]:
   """Ids of a generation prompt: the conversation so far (ending with a human turn)
   plus the open assistant turn ("... ASSISTANT:"), as LLaVA's eval builds it."""
-  t = get_template(template)
+  t = get_template(template, system)
   if num_images:
     conversations = move_image_to_front(conversations)
   if t.style == "plain":

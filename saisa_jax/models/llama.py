@@ -45,23 +45,34 @@ class DecoderLayer(nn.Module):
     k = apply_rope(self.k_proj(h), *rope)
     return k, self.v_proj(h)
 
-  def __call__(self, x, rope, mask, extra_kv: Optional[tuple] = None):
-    """x float[B, T, d]; mask bool[B, T, V+T] with visual keys (extra_kv) first."""
+  def __call__(self, x, rope, mask, extra_kv: Optional[tuple] = None, write_index=None):
+    """x float[B, T, d]; mask bool[B, T, K]. Returns (x, (k, v)): the keys/values
+    this layer attended to, i.e. its KV-cache content.
+
+    extra_kv (k, v) float[B, S, Hkv, hd] are keys before this call's own: SAISA's
+    visual K/V (then K = S + T), or a KV cache while decoding, where `write_index`
+    int32[B] says where each row's new key goes (then K = S).
+    """
     h = self.input_norm(x)
     q = apply_rope(self.q_proj(h), *rope)
     k = apply_rope(self.k_proj(h), *rope)
     v = self.v_proj(h)
-    if extra_kv is not None:
+    if extra_kv is not None and write_index is not None:
+      rows = jnp.arange(x.shape[0])
+      k = extra_kv[0].at[rows, write_index].set(k[:, 0].astype(extra_kv[0].dtype))
+      v = extra_kv[1].at[rows, write_index].set(v[:, 0].astype(extra_kv[1].dtype))
+    elif extra_kv is not None:
       k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
       v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=1)
     q = constrain(q, ("batch", "length", "heads", "kv"))
-    attn = constrain(attend(q, k, v, mask), ("batch", "length", "heads", "kv"))
+    attn = constrain(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask),
+                     ("batch", "length", "heads", "kv"))
     x = x + self.o_proj(attn)
     h = self.post_norm(x)
     gated = nn.silu(self.gate_proj(h)) * self.up_proj(h)
     gated = constrain(gated, ("batch", "length", "mlp"))
     x = x + self.down_proj(gated)
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("batch", "length", "embed")), (k, v)
 
 
 class Decoder(nn.Module):
@@ -101,18 +112,23 @@ class Decoder(nn.Module):
                  metadata_params=stack_axes())
     return fn(self.layers, feats, self.rope(positions))
 
-  def __call__(self, x, positions, mask, visual_kv: Optional[tuple] = None):
-    """Runs all layers. x float[B, T, d]; visual_kv from `visual_kv` or None."""
+  def __call__(self, x, positions, mask, extra_kv: Optional[tuple] = None,
+               return_kv: bool = False, write_index=None):
+    """Runs all layers. x float[B, T, d]; extra_kv: stacked [layers, B, S, Hkv, hd]
+    (SAISA's visual K/V from `visual_kv`, or a KV cache). Returns x, or (x, kv) with
+    kv the stacked keys/values every layer attended to (the KV cache)."""
     def body(layer, carry, kv):
-      return layer(carry, rope, mask, kv), None
+      carry, kv_all = layer(carry, rope, mask, kv, write_index)
+      return carry, (kv_all if return_kv else None)
 
     rope = self.rope(positions)
     scan = nn.scan(maybe_remat(body, self.cfg.remat),
                    variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=0, length=self.cfg.llm.num_layers,
-                   unroll=min(self.cfg.scan_unroll, self.cfg.llm.num_layers), metadata_params=stack_axes())
-    x, _ = scan(self.layers, x, visual_kv)
-    return x
+                   unroll=min(self.cfg.scan_unroll, self.cfg.llm.num_layers),
+                   metadata_params=stack_axes())
+    x, kv = scan(self.layers, x, extra_kv)
+    return (x, kv) if return_kv else x
 
   def logits(self, x):
     """float[B, T, d] -> float32[B, T, vocab] (final norm + head)."""

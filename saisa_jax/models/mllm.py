@@ -43,7 +43,9 @@ class SaisaModel(nn.Module):
     valid = jnp.repeat(image_slots >= 0, p, axis=1)
     return feats, positions, valid
 
-  def __call__(self, batch):
+  def _forward(self, batch, return_kv: bool = False):
+    """-> (text hidden float[B, L, d], kv or None, key positions int32[B, K],
+    key validity bool[B, K]); keys are ordered [visual (N*P); text (L)]."""
     tokens, positions, text_mask = batch["tokens"], batch["positions"], batch["text_mask"]
     has_images = batch.get("images") is not None and batch["image_slots"].shape[1] > 0
     x = self.decoder.embed(tokens)
@@ -51,7 +53,9 @@ class SaisaModel(nn.Module):
     if not has_images:
       mask = attention_mask(positions, q_visual, positions, q_visual, text_mask,
                             self.cfg.alignment)
-      return self.decoder.logits(self.decoder(x, positions, mask))
+      out = self.decoder(x, positions, mask, return_kv=return_kv)
+      x, kv = out if return_kv else (out, None)
+      return x, kv, positions, text_mask
 
     feats, vis_pos, vis_valid = self.image_features(batch["images"], batch["image_slots"])
     k_pos = jnp.concatenate([vis_pos, positions], axis=1)
@@ -60,11 +64,59 @@ class SaisaModel(nn.Module):
     if self.cfg.alignment == "saisa":
       visual_kv = self.decoder.visual_kv(feats, vis_pos)
       mask = attention_mask(positions, q_visual, k_pos, k_visual, k_valid, "saisa")
-      return self.decoder.logits(self.decoder(x, positions, mask, visual_kv))
+      out = self.decoder(x, positions, mask, visual_kv, return_kv=return_kv)
+      x, kv = out if return_kv else (out, None)
+      return x, kv, k_pos, k_valid
 
     # llava / naavit: visual rows first, then text; order is free since RoPE and the
     # mask read positions.
     x = jnp.concatenate([self.projector(feats).astype(x.dtype), x], axis=1)
     mask = attention_mask(k_pos, k_visual, k_pos, k_visual, k_valid, self.cfg.alignment)
-    x = self.decoder(x, k_pos, mask)
-    return self.decoder.logits(x[:, vis_pos.shape[1]:])
+    out = self.decoder(x, k_pos, mask, return_kv=return_kv)
+    x, kv = out if return_kv else (out, None)
+    return x[:, vis_pos.shape[1]:], kv, k_pos, k_valid
+
+  def __call__(self, batch):
+    return self.decoder.logits(self._forward(batch)[0])
+
+  def prefill(self, batch, cache_size: int):
+    """Runs the prompt; returns (logits float32[B, vocab] of each row's last text token,
+    cache). The cache holds every layer's keys/values in the forward's key order
+    [visual; text], padded to `cache_size` slots:
+      k, v   float[layers, B, S, Hkv, hd]   pos int32[B, S]   valid bool[B, S]
+      write  int32[B]  next free slot      next_pos int32[B]  next sequence position
+    In saisa mode the visual slots come from the batched visual pass; decode steps
+    then cost text only."""
+    x, (k, v), k_pos, k_valid = self._forward(batch, return_kv=True)
+    b, keys = k_pos.shape
+    if cache_size < keys:
+      raise ValueError(f"cache_size {cache_size} < the prompt's {keys} keys")
+    pad = cache_size - keys
+    lengths = batch["text_mask"].sum(axis=1).astype(jnp.int32)
+    last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
+    cache = {
+        "k": jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+        "v": jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+        "pos": jnp.pad(k_pos, ((0, 0), (0, pad))),
+        "valid": jnp.pad(k_valid, ((0, 0), (0, pad))),
+        # Row b's text fills slots [keys - L, keys - L + length_b): its next token goes
+        # right after, over padding that was never valid.
+        "write": keys - batch["tokens"].shape[1] + lengths,
+        "next_pos": jnp.max(jnp.where(k_valid, k_pos, -1), axis=1).astype(jnp.int32) + 1,
+    }
+    return self.decoder.logits(last)[:, 0], cache
+
+  def decode_step(self, tokens, cache):
+    """tokens int32[B] at cache["next_pos"] -> (logits float32[B, vocab], cache)."""
+    rows = jnp.arange(tokens.shape[0])
+    pos = cache["next_pos"]
+    k_pos = cache["pos"].at[rows, cache["write"]].set(pos)
+    k_valid = cache["valid"].at[rows, cache["write"]].set(True)
+    no = jnp.zeros(k_pos.shape, bool)
+    mask = attention_mask(pos[:, None], no[:, :1], k_pos, no, k_valid, self.cfg.alignment)
+    x = self.decoder.embed(tokens[:, None])
+    x, (k, v) = self.decoder(x, pos[:, None], mask, (cache["k"], cache["v"]),
+                             return_kv=True, write_index=cache["write"])
+    cache = {"k": k, "v": v, "pos": k_pos, "valid": k_valid, "write": cache["write"] + 1,
+             "next_pos": pos + 1}
+    return self.decoder.logits(x)[:, 0], cache

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saisa_jax.data.pipeline import make_iterator
+from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
 from saisa_jax.train import checkpoint as ckpt_lib
 from saisa_jax.train.curves import plot_curves
@@ -211,10 +212,11 @@ def _main(argv):
 
   # ---------------- Held-out eval ----------------
   if config.get("eval") and config.eval.enabled:
-    from saisa_jax.eval.embedded_eval import evaluate_embedded
-    result = evaluate_embedded(final, params, workdir)
+    results = evaluate(final, params, os.path.join(workdir, "eval"))
+    print(format_table(results), flush=True)
     print(f"training + eval wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
-    print(f"held-out accuracy: {result['accuracy']:.4f}", flush=True)
+    if "embedded" in results:
+      print(f"held-out accuracy: {results['embedded']['accuracy']:.4f}", flush=True)
 
 
 if __name__ == "__main__":
