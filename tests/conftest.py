@@ -6,6 +6,9 @@ import shutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tokenizers load from local paths only
+# The suite runs on CPU (and its subprocesses too); with libtpu installed (the optional
+# [tpu] extra) JAX would otherwise try to open a TPU first.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,7 @@ from saisa_jax.models.build import build
 from saisa_jax.models.clip import VisionTower
 from saisa_jax.models.config import ModelConfig, from_config
 from saisa_jax.models.projectors import MLPProjector
+from saisa_jax.train import checkpoint as ckpt_lib
 from saisa_jax.train import mesh as mesh_lib
 from saisa_jax.train.state import abstract_params
 
@@ -476,21 +477,8 @@ def import_checkpoint(args) -> tuple[dict, ml_collections.ConfigDict]:
   config = build_config(p, args, tok)
   copy_generation_config(p, out)
   _check_vocab(cfg, tok)
-  save_model(out, params, config)
+  ckpt_lib.save_model(out, params, config)
   return params, config
-
-
-def save_model(directory: str, params, config) -> None:
-  """checkpoint.save_model's format (DIR/params + DIR/config.json), saved with a cap
-  on the bytes orbax copies to host at once (its default, 96 GB, copies everything
-  before writing: a second full copy of the model)."""
-  import orbax.checkpoint as ocp
-
-  ckpt = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
-  ckpt.save(os.path.join(directory, "params"), ocp.args.StandardSave(params), force=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
 
 def _gguf_tensors(p: Plan, args) -> Tensors:

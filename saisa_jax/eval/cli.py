@@ -13,6 +13,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 import ml_collections
 
@@ -41,6 +42,7 @@ def main(argv=None):
 
 def _main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
   config = _CONFIG.value
   workdir = _WORKDIR.value or _CHECKPOINT.value
   if not workdir:

@@ -5,13 +5,20 @@ import jax
 import jax.numpy as jnp
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, impl: str = "einsum"):
   """Softmax attention with GQA.
+
+  impl: "einsum" (explicit scores, float32 softmax; the parity reference) or
+  "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs).
 
   q float[B, Q, H, D], k/v float[B, K, Hkv, D] (H a multiple of Hkv),
   mask bool[B, Q, K] -> float[B, Q, H, D]. Scores and softmax in float32. A row with
   no visible key (padding) averages all keys instead of producing NaN.
   """
+  if impl == "dot_product":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+  if impl != "einsum":
+    raise ValueError(f"model.attention={impl!r}; choose einsum or dot_product")
   b, tq, h, d = q.shape
   hkv = k.shape[2]
   q = q.reshape(b, tq, hkv, h // hkv, d)

@@ -64,6 +64,7 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype; params are always float32
   remat: str = "none"           # none | full | dots | dots_no_batch
   scan_unroll: int = 1          # layers unrolled per scan step (num_layers: fully)
+  attention: str = "einsum"     # einsum | dot_product (jax.nn.dot_product_attention)
 
   def __post_init__(self):
     if self.alignment not in ALIGNMENTS:
@@ -99,4 +100,5 @@ def from_config(model: Any) -> ModelConfig:
       dtype=get(model, "dtype", "float32"),
       remat=get(model, "remat", "none"),
       scan_unroll=int(get(model, "scan_unroll", 1)),
+      attention=get(model, "attention", "einsum"),
   )

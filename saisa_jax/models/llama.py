@@ -65,7 +65,7 @@ class DecoderLayer(nn.Module):
       k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
       v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=1)
     q = constrain(q, ("batch", "length", "heads", "kv"))
-    attn = constrain(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask),
+    attn = constrain(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.cfg.attention),
                      ("batch", "length", "heads", "kv"))
     x = x + self.o_proj(attn)
     h = self.post_norm(x)

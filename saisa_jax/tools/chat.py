@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 import jax
 
 from saisa_jax.data import images as images_lib
@@ -84,6 +85,7 @@ def main(argv=None):
 
 def _main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
   if not _CHECKPOINT.value:
     sys.exit("saisa-chat: --checkpoint is required")
   chat = Chat(ckpt_lib.resolve_model_dir(_CHECKPOINT.value), _IMAGE.value,

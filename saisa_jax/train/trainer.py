@@ -19,6 +19,7 @@ import sys
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 import flax.linen as nn
 import jax
@@ -184,10 +185,10 @@ def main(argv=None):
 
 def _main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
   config, workdir = _CONFIG.value, _WORKDIR.value
   if not workdir:
     sys.exit("saisa-train: --workdir is required")
-  logging.getLogger("absl").setLevel(logging.WARNING)
   maybe_initialize_distributed(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)

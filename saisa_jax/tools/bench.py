@@ -1,0 +1,296 @@
+"""saisa-bench: forward, train step, prefill and decode of saisa / naavit / llava, and of
+Hugging Face PyTorch LlavaForConditionalGeneration, on the same shapes in one run.
+
+  saisa-bench --presets tiny,smollm2 --out runs/bench
+
+Each preset is an LLM with a small CLIP-shaped tower that gives LLaVA-1.5's 576 visual
+tokens (336 px, patch 14): the regime SAISA is built for. Times are medians over
+--repeats calls after warm-up (spread = 25th..75th percentile); FLOPs are XLA's count
+of the compiled function (layer scans unrolled); memory is XLA's arguments +
+temporaries. Writes bench.json, bench.md and bench.png, and ends with
+
+  prefill saisa/llava: R          (the largest over the presets)
+  train step saisa/llava: R       (the largest over the presets)
+  saisa speedup vs HF Llava: S    (HF prefill time / saisa prefill time, the smallest)
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from saisa_jax import presets
+from saisa_jax.models.build import build
+from saisa_jax.train.optim import make_optimizer
+from saisa_jax.train.step import make_train_step
+
+_PRESETS = flags.DEFINE_list("presets", ["tiny", "smollm2"], "Bench presets.")
+_BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
+_TEXT = flags.DEFINE_integer("text", 64, "Text tokens per sample (after the image).")
+_DECODE = flags.DEFINE_integer("decode_steps", 16, "Decode steps timed.")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per measurement.")
+_OUT = flags.DEFINE_string("out", "runs/bench", "Output folder.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time HF PyTorch Llava.")
+
+# 576 visual tokens like CLIP ViT-L/14-336, at a width a CPU can run.
+BENCH_TOWER = dict(image_size=336, patch_size=14, hidden_size=64, intermediate_size=256,
+                   num_layers=2, num_heads=4, layer_norm_eps=1e-5, select_layer=-1)
+PRESETS = {"tiny": "tiny", "smollm2": "smollm2_135m"}
+ALIGNMENTS = ("saisa", "naavit", "llava")
+
+
+def model_config(preset: str, alignment: str) -> ml_collections.ConfigDict:
+  llm = presets.lookup(presets.LLMS, PRESETS[preset], "llm")
+  return ml_collections.ConfigDict(dict(
+      alignment=alignment, dtype="float32", remat="none", scan_unroll=llm["num_layers"],
+      llm=llm, vision=dict(BENCH_TOWER)))
+
+
+def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
+  """[lead text][image][text - lead]: a system prompt, the image, the question."""
+  v = cfg.num_visual
+  pos = np.concatenate([np.arange(lead), lead + v + np.arange(text - lead)]).astype(np.int32)
+  rng = np.random.default_rng(0)
+  return {
+      "tokens": rng.integers(3, cfg.llm.vocab_size, (batch, text)).astype(np.int32),
+      "positions": np.broadcast_to(pos, (batch, text)).copy(),
+      "text_mask": np.ones((batch, text), bool),
+      "images": rng.normal(size=(batch, 1, cfg.vision.image_size, cfg.vision.image_size, 3)
+                           ).astype(np.float32),
+      "image_slots": np.full((batch, 1), lead, np.int32),
+      "targets": rng.integers(3, cfg.llm.vocab_size, (batch, text)).astype(np.int32),
+      "loss_mask": np.ones((batch, text), np.float32),
+  }
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> dict:
+  """fn() -> result (blocked on). Median and quartiles in ms."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(1000 * (time.perf_counter() - t))
+  q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+  return {"ms": statistics.median(times), "p25": q[0], "p75": q[2]}
+
+
+def compiled_stats(jitted, *args) -> dict:
+  c = jitted.lower(*args).compile()
+  cost = c.cost_analysis() or {}
+  mem = c.memory_analysis()
+  return {"gflops": float(cost.get("flops", 0.0)) / 1e9,
+          "mem_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20 if mem else None}
+
+
+def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: int,
+              repeats: int) -> dict:
+  model, cfg = build(model_config(preset, alignment))
+  data = {k: jnp.asarray(v) for k, v in bench_batch(cfg, batch, text).items()}
+  infer = {k: v for k, v in data.items() if k not in ("targets", "loss_mask")}
+  params = jax.jit(model.init)(jax.random.key(0), infer)["params"]
+  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  out = {}
+
+  fwd = jax.jit(lambda p, b: model.apply({"params": p}, b))
+  out["forward"] = {**timed(lambda: fwd(params, infer), repeats), **compiled_stats(fwd, params, infer)}
+
+  optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=10, warmup_ratio=None, final_lr_frac=0.1, b1=0.9, b2=0.98,
+      eps=1e-8, weight_decay=0.0, clip_norm=1.0, trainable=".*", total_steps=1000))
+  tx, lr_fn, trainable = make_optimizer(optim, params)
+  step = jax.jit(make_train_step(model, tx, lr_fn, trainable), donate_argnums=0)
+  # The step donates its state: give it its own copy of the params.
+  own = jax.tree.map(jnp.copy, params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": own, "opt_state": tx.init(own)}
+  stats = compiled_stats(step, state, data)
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], m = step(holder["state"], data)
+    return m["loss"]
+  out["train_step"] = {**timed(one_step, repeats), **stats}
+
+  size = text + cfg.num_visual + decode_steps
+  prefill = jax.jit(lambda p, b: model.apply({"params": p}, b, size, method=model.prefill))
+  out["prefill"] = {**timed(lambda: prefill(params, infer), repeats),
+                    **compiled_stats(prefill, params, infer)}
+
+  decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode_step))
+  logits, cache = prefill(params, infer)
+  tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+  stats = compiled_stats(decode, params, tokens, cache)
+  jax.block_until_ready(decode(params, tokens, cache))
+
+  def decode_run():
+    c, t = cache, tokens
+    for _ in range(decode_steps):
+      lg, c = decode(params, t, c)
+      t = jnp.argmax(lg, -1).astype(jnp.int32)
+    return t
+  run = timed(decode_run, max(2, repeats // 2), warmup=1)
+  out["decode"] = {"ms": run["ms"] / decode_steps, "p25": run["p25"] / decode_steps,
+                   "p75": run["p75"] / decode_steps, **stats,
+                   "tokens_per_s": batch * decode_steps / (run["ms"] / 1000)}
+  for v in out.values():
+    v["gflop_per_s"] = v["gflops"] / (v["ms"] / 1000) if v.get("gflops") else None
+  return out
+
+
+def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: int) -> dict:
+  """HF LlavaForConditionalGeneration on the same shapes (what a user would pick)."""
+  import torch
+  import transformers
+
+  torch.set_num_threads(os.cpu_count() or 1)
+  mc = model_config(preset, "llava")
+  llm, vis = mc.llm, mc.vision
+  image_token = llm.vocab_size  # one extra id for <image>
+  text_cfg = transformers.LlamaConfig(
+      vocab_size=llm.vocab_size + 1, hidden_size=llm.hidden_size,
+      intermediate_size=llm.intermediate_size, num_hidden_layers=llm.num_layers,
+      num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+      rms_norm_eps=llm.rms_eps, tie_word_embeddings=llm.tie_embeddings,
+      rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta})
+  vis_cfg = transformers.CLIPVisionConfig(
+      hidden_size=vis.hidden_size, intermediate_size=vis.intermediate_size,
+      num_hidden_layers=vis.num_layers, num_attention_heads=vis.num_heads,
+      image_size=vis.image_size, patch_size=vis.patch_size)
+  cfg = transformers.LlavaConfig(vision_config=vis_cfg, text_config=text_cfg,
+                                 image_token_index=image_token, vision_feature_layer=-1,
+                                 vision_feature_select_strategy="default")
+  model = transformers.LlavaForConditionalGeneration(cfg).float()
+  nv = (vis.image_size // vis.patch_size) ** 2
+  rng = np.random.default_rng(0)
+  lead = 8
+  ids = rng.integers(3, llm.vocab_size, (batch, text))
+  ids = np.concatenate([ids[:, :lead], np.full((batch, nv), image_token), ids[:, lead:]], 1)
+  ids = torch.from_numpy(ids).long()
+  pixels = torch.from_numpy(rng.normal(size=(batch, 3, vis.image_size, vis.image_size))
+                            .astype(np.float32))
+  labels = ids.clone()
+  labels[:, :lead + nv] = -100
+  out = {}
+  model.eval()
+  with torch.no_grad():
+    out["forward"] = timed(lambda: model(input_ids=ids, pixel_values=pixels, use_cache=False
+                                         ).logits, repeats)
+    out["prefill"] = timed(lambda: model(input_ids=ids, pixel_values=pixels, use_cache=True
+                                         ).logits, repeats)
+    res = model(input_ids=ids, pixel_values=pixels, use_cache=True)
+
+    def decode_run():
+      past, tok = res.past_key_values, res.logits[:, -1:].argmax(-1)
+      import copy
+      past = copy.deepcopy(past)
+      for _ in range(decode_steps):
+        o = model(input_ids=tok, past_key_values=past, use_cache=True)
+        past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
+      return tok
+    run = timed(decode_run, max(2, repeats // 2), warmup=1)
+    out["decode"] = {"ms": run["ms"] / decode_steps, "p25": run["p25"] / decode_steps,
+                     "p75": run["p75"] / decode_steps,
+                     "tokens_per_s": batch * decode_steps / (run["ms"] / 1000)}
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+  def train_step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+  out["train_step"] = timed(train_step, repeats)
+  return out
+
+
+OPS = ("forward", "train_step", "prefill", "decode")
+
+
+def markdown(results: dict) -> str:
+  lines = ["| preset | model | " + " | ".join(f"{o} ms" for o in OPS) +
+           " | prefill GFLOPs | prefill GFLOP/s | train GFLOPs | train mem MB |",
+           "|---" * (6 + len(OPS)) + "|"]
+  for preset, by_model in results.items():
+    for name, r in by_model.items():
+      cells = [f"{r[o]['ms']:.1f} ({r[o]['p25']:.1f}-{r[o]['p75']:.1f})" for o in OPS]
+      pf, tr = r["prefill"], r["train_step"]
+      extra = [f"{pf['gflops']:.2f}" if pf.get("gflops") else "-",
+               f"{pf['gflop_per_s']:.1f}" if pf.get("gflop_per_s") else "-",
+               f"{tr['gflops']:.2f}" if tr.get("gflops") else "-",
+               f"{tr['mem_mb']:.0f}" if tr.get("mem_mb") else "-"]
+      lines.append(f"| {preset} | {name} | " + " | ".join(cells + extra) + " |")
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+  for ax, (preset, by_model) in zip(axes[0], results.items()):
+    names = list(by_model)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+      ax.bar(np.arange(len(OPS)) + i * width, [by_model[name][o]["ms"] for o in OPS], width,
+             label=name)
+    ax.set_xticks(np.arange(len(OPS)) + 0.4 - width / 2, OPS)
+    ax.set(title=preset, ylabel="ms (median)", yscale="log")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None):
+  app.run(_main, argv=argv)
+
+
+def _main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
+  os.makedirs(_OUT.value, exist_ok=True)
+  results = {}
+  for preset in _PRESETS.value:
+    if preset not in PRESETS:
+      raise SystemExit(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    results[preset] = {}
+    for alignment in ALIGNMENTS:
+      print(f"[bench] {preset} {alignment}", flush=True)
+      results[preset][alignment] = bench_jax(preset, alignment, _BATCH.value, _TEXT.value,
+                                             _DECODE.value, _REPEATS.value)
+    if _TORCH.value:
+      print(f"[bench] {preset} hf_llava (PyTorch)", flush=True)
+      results[preset]["hf_llava"] = bench_torch(preset, _BATCH.value, _TEXT.value,
+                                                _DECODE.value, _REPEATS.value)
+  meta = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+          "batch": _BATCH.value, "text": _TEXT.value, "visual": 576}
+  with open(os.path.join(_OUT.value, "bench.json"), "w") as f:
+    json.dump({"meta": meta, "results": results}, f, indent=1)
+  table = markdown(results)
+  with open(os.path.join(_OUT.value, "bench.md"), "w") as f:
+    f.write(table + "\n")
+  plot(results, os.path.join(_OUT.value, "bench.png"))
+  print(table)
+  ratio = lambda op: max(r["saisa"][op]["ms"] / r["llava"][op]["ms"] for r in results.values())
+  print(f"prefill saisa/llava: {ratio('prefill'):.3f}")
+  print(f"train step saisa/llava: {ratio('train_step'):.3f}")
+  if _TORCH.value:
+    speed = min(r["hf_llava"]["prefill"]["ms"] / r["saisa"]["prefill"]["ms"]
+                for r in results.values())
+    print(f"saisa speedup vs HF Llava: {speed:.2f}")
+
+
+if __name__ == "__main__":
+  main()
