@@ -22,9 +22,12 @@ def test_flops_ratio_and_agreement_with_the_formula(arg, visual, bound):
   assert 0 < ratio <= bound
   rows = {l[:28].strip(): [float(x) for x in l[28:].split()] for l in lines[2:-1]}
   assert set(rows) == {"vision tower (both)", "saisa language side", "llava language side"}
-  for name, (xla, analytic, _) in rows.items():
-    # Matmuls dominate at 7B; at tiny sizes norms / softmax / rope add a few percent.
-    assert abs(xla / analytic - 1) <= (0.05 if visual == 576 else 0.25), (name, xla, analytic)
+  for name, (xla, analytic, _, with_elementwise) in rows.items():
+    # Matmuls dominate at 7B (the reference formula alone); at tiny widths norms,
+    # softmax and activations count, and the formula's elementwise terms cover them.
+    assert abs(with_elementwise - 1) <= 0.05, (name, xla, analytic, with_elementwise)
+    if visual == 576:
+      assert abs(xla / analytic - 1) <= 0.05, (name, xla, analytic)
   assert rows["saisa language side"][0] < rows["llava language side"][0]
 
 

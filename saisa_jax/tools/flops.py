@@ -26,28 +26,50 @@ _VISUAL = flags.DEFINE_integer("visual", None, "Visual tokens per image (default
 _TEXT = flags.DEFINE_integer("text", 64, "Text tokens.")
 
 
-def analytic_language_flops(cfg: ModelConfig, v: int, t: int) -> float:
+# XLA's FLOPs per element of the non-matmul work (measured with cost_analysis on CPU):
+# LayerNorm 8, RMSNorm 4, exact (erf) GELU 66, quick-GELU 5, SiLU(gate) * up 5,
+# softmax + scale + mask 6 per attention score, RoPE 1.5, residual / bias add 1.
+EW = dict(layernorm=8, rmsnorm=4, gelu=66, quick_gelu=5, swiglu=5, score=6, rope=1.5)
+
+
+def analytic_language_flops(cfg: ModelConfig, v: int, t: int, elementwise: bool = False) -> float:
   """The reference's per-layer formula (multiply-add = 2 FLOPs), GQA-aware, plus the
-  LM head on text and LLaVA's global projector."""
+  LM head on text and LLaVA's global projector; `elementwise` adds norms, softmax,
+  activations, RoPE and adds (the EW table), which matter at tiny widths only."""
   c, d, m = cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.llm.intermediate_size
   qo = cfg.llm.num_heads * cfg.llm.dim_per_head          # q / o width (d for LLaMA)
   kv = cfg.llm.num_kv_heads * cfg.llm.dim_per_head       # k / v width
-  n, layers = v + t, cfg.llm.num_layers
+  n, layers, heads = v + t, cfg.llm.num_layers, cfg.llm.num_heads
   head = 2 * t * d * cfg.llm.vocab_size
   projector = 2 * v * (c * d + d * d)
+  proj_ew = v * d * (EW["gelu"] + 2)                     # GELU + two bias adds
+
+  def block_ew(rows, keys):                              # one decoder block's extras
+    return rows * (2 * EW["rmsnorm"] * d + EW["rope"] * (qo + kv) + EW["swiglu"] * m
+                   + 2 * d) + EW["score"] * heads * rows * keys
+
   if cfg.alignment == "saisa":
     per_layer = (t * (4 * d * qo + 4 * d * kv) + 4 * v * d * kv + 4 * t * n * qo
                  + 6 * t * d * m + projector)
-    return layers * per_layer + head
+    extra = block_ew(t, n) + proj_ew + v * (EW["rmsnorm"] * d + EW["rope"] * kv)
+    return layers * (per_layer + (extra if elementwise else 0)) + head + (
+        EW["rmsnorm"] * t * d if elementwise else 0)
   per_layer = n * (4 * d * qo + 4 * d * kv) + 4 * n * n * qo + 6 * n * d * m
-  return layers * per_layer + head + projector
+  extra = layers * block_ew(n, n) + proj_ew + EW["rmsnorm"] * t * d
+  return layers * per_layer + head + projector + (extra if elementwise else 0)
 
 
-def analytic_vision_flops(cfg: ModelConfig) -> float:
+def analytic_vision_flops(cfg: ModelConfig, elementwise: bool = False) -> float:
   vc = cfg.vision
-  p, c, mv = vc.num_patches + 1, vc.hidden_size, vc.intermediate_size
+  p, c, mv, h = vc.num_patches + 1, vc.hidden_size, vc.intermediate_size, vc.num_heads
   per_layer = 8 * p * c * c + 4 * p * p * c + 4 * p * c * mv
-  return vc.layers_used * per_layer + 2 * vc.num_patches * c * 3 * vc.patch_size ** 2
+  if elementwise:  # 2 LayerNorms, 6 bias adds, 2 residuals, softmax, quick-GELU
+    per_layer += p * (2 * EW["layernorm"] * c + 5 * c + mv + 2 * c + EW["quick_gelu"] * mv)
+    per_layer += EW["score"] * h * p * p
+  embed = 2 * vc.num_patches * c * 3 * vc.patch_size ** 2
+  if elementwise:
+    embed += p * c * (1 + EW["layernorm"])               # + positions, pre-LayerNorm
+  return vc.layers_used * per_layer + embed
 
 
 def xla_flops(fn, *abstract_args) -> float:
@@ -86,14 +108,17 @@ def _main(argv):
     language = total - vision
     ratio_parts[alignment] = language
     if not rows:
-      rows.append(("vision tower (both)", vision, analytic_vision_flops(cfg)))
+      rows.append(("vision tower (both)", vision, analytic_vision_flops(cfg),
+                   analytic_vision_flops(cfg, elementwise=True)))
     rows.append((f"{alignment} language side", language,
-                 analytic_language_flops(cfg, cfg.num_visual, _TEXT.value)))
+                 analytic_language_flops(cfg, cfg.num_visual, _TEXT.value),
+                 analytic_language_flops(cfg, cfg.num_visual, _TEXT.value, elementwise=True)))
   print(f"forward FLOPs, batch 1, {cfg.num_visual} visual + {_TEXT.value} text tokens, "
         f"{cfg.llm.num_layers} layers, d {cfg.llm.hidden_size}")
-  print(f"{'':28s}{'XLA GFLOPs':>14s}{'analytic GFLOPs':>18s}{'XLA/analytic':>14s}")
-  for name, xla, ana in rows:
-    print(f"{name:28s}{xla / 1e9:14.5g}{ana / 1e9:18.5g}{xla / ana:14.3f}")
+  print(f"{'':28s}{'XLA GFLOPs':>14s}{'analytic GFLOPs':>18s}{'XLA/analytic':>14s}"
+        f"{'XLA/(+elementwise)':>20s}")
+  for name, xla, ana, ana_ew in rows:
+    print(f"{name:28s}{xla / 1e9:14.5g}{ana / 1e9:18.5g}{xla / ana:14.3f}{xla / ana_ew:20.3f}")
   print(f"saisa/llava flops ratio: {ratio_parts['saisa'] / ratio_parts['llava']:.4f}")
 
 
