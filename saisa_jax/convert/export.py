@@ -52,25 +52,29 @@ _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # ----------------------------------------------------------------------------- inputs
 
 def restore(model_dir: str):
-  """-> (params on one device, config, ModelConfig, resolved dir)."""
+  """-> (params as host numpy arrays, config, ModelConfig, resolved dir)."""
   import flax.linen as nn
 
   model_dir = ckpt_lib.resolve_model_dir(model_dir)
   config = ckpt_lib.load_config(model_dir)
   model, cfg = build(config.model)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                           nn.meta.unbox(abstract_params(model, cfg)))
   return restore_params(model_dir, abstract), config, cfg, model_dir
 
 
 def restore_params(model_dir: str, abstract):
-  """checkpoint.load_params with a cap on the bytes orbax reads at once (its default
-  reads everything into temporary buffers first: a second full copy)."""
+  """checkpoint.load_params's files, restored as numpy arrays with a cap on the bytes
+  orbax reads at once. The writers only read the params: a jax array would be
+  placed from a numpy buffer orbax reads first (a leaf held twice), and orbax's
+  default cap reads everything into temporary buffers first (the model twice)."""
   import orbax.checkpoint as ocp
 
-  ckpt = ocp.Checkpointer(ocp.StandardCheckpointHandler(restore_concurrent_gb=1))
-  return ckpt.restore(os.path.join(model_dir, "params"), ocp.args.StandardRestore(abstract))
+  ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1))
+  args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype),
+                      abstract)
+  return ckpt.restore(os.path.join(model_dir, "params"),
+                      ocp.args.PyTreeRestore(abstract, restore_args=args))
 
 
 def source_tensors(config):

@@ -40,10 +40,15 @@ def ensure_generated(emb) -> str:
 
 
 def prepare_embedded(config) -> ml_collections.ConfigDict:
-  """A copy of `config` with data, stage and eval paths set to the embedded set."""
+  """A copy of `config` with data, stage and eval paths set to the embedded set.
+
+  The set's own word-level tokenizer replaces data.tokenizer unless
+  config.embedded.use_tokenizer is False (a pretrained LLM keeps its tokenizer: the
+  records are text, any tokenizer reads them)."""
   out = ensure_generated(config.embedded)
   config = ml_collections.ConfigDict(config.to_dict())
-  config.data.tokenizer = os.path.join(out, "tokenizer")
+  if config.embedded.get("use_tokenizer", True):
+    config.data.tokenizer = os.path.join(out, "tokenizer")
   config.data.image_root = os.path.join(out, "images")
   for stage, kind in (("pretrain", "caption"), ("finetune", "vqa")):
     if stage in config and not config[stage].get("json_path"):

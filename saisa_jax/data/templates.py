@@ -11,6 +11,18 @@ sees the same labels as one trained with LLaVA on the same tokenizer:
 
 (the mask ends at "ASSISTANT:"; the space before the answer merges into its first
 token, which is why LLaVA subtracts 2 = BOS + the trailing "▁" from the instruction.)
+
+That arithmetic assumes a tokenizer that adds a BOS (each round measured alone
+counts the BOS in place of its "</s>"). For a tokenizer without one (SmolLM2 and
+most BPE tokenizers) the labels are built instead of counted: the trained tokens of
+an assistant turn are those between the tokenisation of the prompt up to its
+"ASSISTANT:" (the generation prompt, `prompt_ids`) and of the prompt up to its
+end-of-turn, each checked to be a prefix of the conversation's ids. On LLaVA's
+tokenizers both give the same labels (tests/test_data_templates.py).
+
+vicuna_v1's end of turn is the tokenizer's EOS: "</s>" for LLaMA / Vicuna, as LLaVA
+writes it, and the tokenizer's own EOS elsewhere (SmolLM2: "<|im_end|>"), so that
+generation stops where training put the end of a turn.
 """
 from __future__ import annotations
 
@@ -36,12 +48,14 @@ class Template:
   # preprocess_v1 shortens rounds after the first by one for non-legacy SentencePiece
   # tokenizers (no "▁" after "</s>"); preprocess_llama_3's BPE needs no correction.
   nonlegacy_fix: bool = False
+  # sep2 stands for the tokenizer's EOS (LLaMA's "</s>" in LLaVA's vicuna_v1).
+  sep2_is_eos: bool = False
 
 
 TEMPLATES = {
     "plain": Template("plain", "plain", sep="\n"),
     "vicuna_v1": Template("vicuna_v1", "two", SYSTEM, ("USER", "ASSISTANT"), " ", "</s>",
-                          nonlegacy_fix=True),
+                          nonlegacy_fix=True, sep2_is_eos=True),
     "llama_3": Template("llama_3", "two", SYSTEM, ("USER", "ASSISTANT"), " ",
                         "<|end_of_text|>"),
 }
@@ -54,6 +68,20 @@ def get_template(name: str, system: str | None = None) -> Template:
     raise ValueError(f"unknown template {name!r}; choose from {sorted(TEMPLATES)}")
   t = TEMPLATES[name]
   return t if system is None else dataclasses.replace(t, system=system)
+
+
+def for_tokenizer(t: Template, tokenizer) -> Template:
+  """`t` with its end of turn spelled as `tokenizer`'s EOS where it stands for one."""
+  eos = getattr(tokenizer, "eos_token", None)
+  if t.sep2_is_eos and eos and eos != t.sep2:
+    return dataclasses.replace(t, sep2=eos)
+  return t
+
+
+def adds_bos(tokenizer) -> bool:
+  """Whether encoding text starts with the BOS (LLaMA's SentencePiece: yes)."""
+  bos = tokenizer.bos_token_id
+  return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
 def tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
@@ -131,20 +159,28 @@ def encode_conversation(conversations: list[dict], template: str, tokenizer,
                         num_images: int, record_id=None,
                         system: str | None = None) -> tuple[list[int], list[int]]:
   """LLaVA conversations -> (input_ids with IMAGE_ID, labels with IGNORE)."""
-  t = get_template(template, system)
+  t = for_tokenizer(get_template(template, system), tokenizer)
   if num_images:
     conversations = move_image_to_front(conversations)
   if t.style == "plain":
     return _encode_plain(conversations, tokenizer, num_images, record_id)
 
-  prompt = conversation_prompt(t, _turns(t, conversations, record_id))
+  messages = _turns(t, conversations, record_id)
+  prompt = conversation_prompt(t, messages)
   ids = tokenizer_image_token(prompt, tokenizer)
+  if adds_bos(tokenizer):
+    labels = _llava_v1_labels(t, prompt, ids, tokenizer, record_id)
+  else:
+    labels = _built_labels(t, messages, ids, tokenizer, record_id)
+  return ids, labels
+
+
+def _llava_v1_labels(t: Template, prompt: str, ids: list[int], tokenizer, record_id):
+  """preprocess_v1's masking, verbatim in spirit: each round's length measured alone."""
   labels = list(ids)
   pad = _pad_id(tokenizer)
   total_len = sum(1 for i in ids if i != pad)
   fix = t.nonlegacy_fix and not getattr(tokenizer, "legacy", True)
-
-  # preprocess_v1's masking, verbatim in spirit: each round's length measured alone.
   sep = t.sep + t.roles[1] + ": "
   cur = 1
   labels[:cur] = [IGNORE]
@@ -167,14 +203,48 @@ def encode_conversation(conversations: list[dict], template: str, tokenizer,
     # LLaVA masks the whole sample ("tokenization mismatch ... (ignored)").
     raise BadExample("tokenization_mismatch", f"rounds add up to {cur} tokens, the "
                      f"conversation has {total_len} (template {t.name!r})", record_id=record_id)
-  return ids, labels
+  return labels
+
+
+def _built_labels(t: Template, messages: list[tuple[str, str]], ids: list[int],
+                  tokenizer, record_id):
+  """Trains each assistant turn's tokens after "ASSISTANT:" up to its end of turn.
+
+  The bounds are the lengths of two prompt prefixes (the open turn, as `prompt_ids`
+  writes it, and the turn closed by sep2), each required to tokenise as a prefix of
+  `ids`: then the trained tokens are exactly those the conversation spends on
+  " <answer>" + sep2. A prefix that tokenises otherwise (a merge across the
+  boundary) is a tokenization_mismatch, as in LLaVA.
+  """
+  labels = [IGNORE] * len(ids)
+  end_of_turn = tokenizer(t.sep2, add_special_tokens=False).input_ids
+  for i in range(1, len(messages), 2):
+    if not messages[i][1]:
+      continue  # written as an open turn (LLaVA's truthiness): nothing to train
+    start = _prefix_len(conversation_prompt(t, messages[:i] + [(t.roles[1], None)]),
+                        ids, tokenizer, t, record_id)
+    stop = _prefix_len(conversation_prompt(t, messages[:i + 1]), ids, tokenizer, t, record_id)
+    if ids[max(start, stop - len(end_of_turn)):stop] != end_of_turn:
+      raise BadExample("tokenization_mismatch", f"turn {i} does not end with {t.sep2!r} "
+                       f"(template {t.name!r})", record_id=record_id)
+    labels[start:stop] = ids[start:stop]
+  return labels
+
+
+def _prefix_len(text: str, ids: list[int], tokenizer, t: Template, record_id) -> int:
+  head = tokenizer_image_token(text, tokenizer)
+  if ids[:len(head)] != head:
+    raise BadExample("tokenization_mismatch", f"the prompt up to {text[-30:]!r} does not "
+                     f"tokenise as a prefix of the conversation (template {t.name!r})",
+                     record_id=record_id)
+  return len(head)
 
 
 def prompt_ids(conversations: list[dict], template: str, tokenizer,
                num_images: int, system: str | None = None) -> list[int]:
   """Ids of a generation prompt: the conversation so far (ending with a human turn)
   plus the open assistant turn ("... ASSISTANT:"), as LLaVA's eval builds it."""
-  t = get_template(template, system)
+  t = for_tokenizer(get_template(template, system), tokenizer)
   if num_images:
     conversations = move_image_to_front(conversations)
   if t.style == "plain":

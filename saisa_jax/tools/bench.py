@@ -3,8 +3,9 @@ Hugging Face PyTorch LlavaForConditionalGeneration, on the same shapes in one ru
 
   saisa-bench --presets tiny,smollm2 --out runs/bench
 
-Each preset is an LLM with a small CLIP-shaped tower that gives LLaVA-1.5's 576 visual
-tokens (336 px, patch 14): the regime SAISA is built for. Times are medians over
+The tiny and smollm2 presets pair an LLM with a small CLIP-shaped tower that gives
+LLaVA-1.5's 576 visual tokens (336 px, patch 14): the regime SAISA is built for;
+"default" is the main job's model (16 visual tokens). Times are medians over
 --repeats calls after warm-up (spread = 25th..75th percentile); FLOPs are XLA's count
 of the compiled function (layer scans unrolled); memory is XLA's arguments +
 temporaries. Writes bench.json, bench.md and bench.png, and ends with
@@ -43,15 +44,18 @@ _TORCH = flags.DEFINE_bool("torch", True, "Also time HF PyTorch Llava.")
 # 576 visual tokens like CLIP ViT-L/14-336, at a width a CPU can run.
 BENCH_TOWER = dict(image_size=336, patch_size=14, hidden_size=64, intermediate_size=256,
                    num_layers=2, num_heads=4, layer_norm_eps=1e-5, select_layer=-1)
-PRESETS = {"tiny": "tiny", "smollm2": "smollm2_135m"}
+# preset -> (LLM preset, tower); "default" is the main job's model (16 visual tokens).
+PRESETS = {"tiny": ("tiny", BENCH_TOWER), "smollm2": ("smollm2_135m", BENCH_TOWER),
+           "default": ("tiny", presets.TOWERS["tiny"])}
 ALIGNMENTS = ("saisa", "naavit", "llava")
 
 
 def model_config(preset: str, alignment: str) -> ml_collections.ConfigDict:
-  llm = presets.lookup(presets.LLMS, PRESETS[preset], "llm")
+  llm_name, tower = PRESETS[preset]
+  llm = presets.lookup(presets.LLMS, llm_name, "llm")
   return ml_collections.ConfigDict(dict(
       alignment=alignment, dtype="float32", remat="none", scan_unroll=llm["num_layers"],
-      llm=llm, vision=dict(BENCH_TOWER)))
+      llm=llm, vision=dict(tower)))
 
 
 def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
@@ -171,6 +175,8 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
                                  vision_feature_select_strategy="default")
   model = transformers.LlavaForConditionalGeneration(cfg).float()
   nv = (vis.image_size // vis.patch_size) ** 2
+  if vis.select_layer != -1:
+    raise ValueError("the HF peer is built with vision_feature_layer=-1")
   rng = np.random.default_rng(0)
   lead = 8
   ids = rng.integers(3, llm.vocab_size, (batch, text))
@@ -275,7 +281,9 @@ def _main(argv):
       results[preset]["hf_llava"] = bench_torch(preset, _BATCH.value, _TEXT.value,
                                                 _DECODE.value, _REPEATS.value)
   meta = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-          "batch": _BATCH.value, "text": _TEXT.value, "visual": 576}
+          "batch": _BATCH.value, "text": _TEXT.value,
+          "visual": {p: (PRESETS[p][1]["image_size"] // PRESETS[p][1]["patch_size"]) ** 2
+                     for p in results}}
   with open(os.path.join(_OUT.value, "bench.json"), "w") as f:
     json.dump({"meta": meta, "results": results}, f, indent=1)
   table = markdown(results)

@@ -250,7 +250,8 @@ def analyse_alignment(sc, mesh, shapes: Shapes, programs, method: str, log) -> d
       row["flops"] = f1 + (layers - 1) * (f2 - f1)
       row["bytes"] = b1 + (layers - 1) * (b2 - b1)
     rows[name] = row
-    log(f"  {name}: compiled in {seconds:.0f} s")
+    log(f"  {name}: compiled in {seconds:.0f} s; {row['memory']['total'] / GIB:.2f} GiB per device"
+        + (f", {row['flops'] / 1e12:.4g} TFLOP" if "flops" in row else ""))
   return rows
 
 
