@@ -109,9 +109,3 @@ def generate(model, params, prompts: Sequence[list], *, num_visual: int, image_s
       outputs.append(out)
   return outputs
 
-
-def greedy_generate(model, params, prompts, *, num_visual, image_size, max_new_tokens,
-                    eos_ids, pad_id=0, batch_size=64, max_images=None, blind=False):
-  return generate(model, params, prompts, num_visual=num_visual, image_size=image_size,
-                  sampling=SamplingConfig(max_new_tokens=max_new_tokens), eos_ids=eos_ids,
-                  pad_id=pad_id, batch_size=batch_size, max_images=max_images, blind=blind)

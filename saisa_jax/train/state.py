@@ -10,13 +10,13 @@ import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from saisa_jax.models.build import dummy_batch
+from saisa_jax.models.build import abstract_variables, dummy_batch
 from saisa_jax.train.mesh import logical_shardings
 
 
 def abstract_params(model, cfg):
   """Boxed abstract variables['params'] (ShapeDtypeStructs with logical names)."""
-  return jax.eval_shape(model.init, jax.random.key(0), dummy_batch(cfg, 1, 4, 1))["params"]
+  return abstract_variables(model, cfg)["params"]
 
 
 def state_shardings(model, cfg, tx, mesh, rules):
