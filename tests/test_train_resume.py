@@ -27,10 +27,21 @@ def _steps_logged(workdir):
   return sum(1 for l in open(path) if l.strip())
 
 
-def _run_until(cmd, workdir, n_steps, sig):
+def _finalized_checkpoints(workdir):
+  """Step dirs orbax has finished writing (in-flight saves are `N.orbax-checkpoint-tmp`)."""
+  found = []
+  for stage in ("pretrain", "finetune"):
+    d = os.path.join(workdir, stage, "checkpoints")
+    if os.path.isdir(d):
+      found += [(stage, int(n)) for n in os.listdir(d) if n.isdigit()]
+  return found
+
+
+def _run_until(cmd, workdir, n_steps, sig, need_checkpoint=False):
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 300
-  while _steps_logged(workdir) < n_steps:
+  while (_steps_logged(workdir) < n_steps
+         or (need_checkpoint and not _finalized_checkpoints(workdir))):
     assert proc.poll() is None, proc.stdout.read()[-3000:]
     assert time.time() < deadline
     time.sleep(0.05)
@@ -46,7 +57,10 @@ def test_sigkill_then_rerun_equals_uninterrupted(embedded, tmp_path):
   subprocess.run(_command(cfg, ref_dir), check=True, capture_output=True)
 
   kill_at = random.Random().randint(2, 9)  # any step of either stage
-  code, out = _run_until(_command(cfg, run_dir), run_dir, kill_at, signal.SIGKILL)
+  # Wait for a finalized checkpoint too: a kill before the first save finishes would
+  # (correctly) restart from scratch and not exercise resuming.
+  code, out = _run_until(_command(cfg, run_dir), run_dir, kill_at, signal.SIGKILL,
+                         need_checkpoint=True)
   assert code == -signal.SIGKILL, out
   rerun = subprocess.run(_command(cfg, run_dir), capture_output=True, text=True)
   assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

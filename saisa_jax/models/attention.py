@@ -28,3 +28,27 @@ def attend(q, k, v, mask, impl: str = "einsum"):
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
   return out.reshape(b, tq, h, d)
+
+
+def attend_cached(q, k_cache, v_cache, mask, k_new, v_new):
+  """One decode step: attention over a KV cache plus the query's own new key.
+
+  q float[B, 1, H, D]; k_cache/v_cache float[B, S, Hkv, D] (read only: never copied
+  or concatenated, so a step reads the cache once); mask bool[B, 1, S] over the cache
+  slots; k_new/v_new float[B, 1, Hkv, D], the query token's own key/value (always
+  visible to itself). -> float[B, 1, H, D]. Equals `attend` over [cache; new].
+  """
+  b, tq, h, d = q.shape
+  hkv = k_cache.shape[2]
+  q = q.reshape(b, tq, hkv, h // hkv, d)
+  dt = q.dtype
+  scale = d ** -0.5
+  cached = jnp.einsum("bqhgd,bkhd->bhgqk", q, k_cache.astype(dt),
+                      preferred_element_type=jnp.float32) * scale
+  cached = jnp.where(mask[:, None, None], cached, jnp.float32(-1e30))
+  own = jnp.einsum("bqhgd,bqhd->bhgq", q, k_new.astype(dt),
+                   preferred_element_type=jnp.float32)[..., None] * scale
+  probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs[..., :-1].astype(dt), v_cache.astype(dt))
+  out = out + jnp.einsum("bhgq,bqhd->bqhgd", probs[..., -1].astype(dt), v_new.astype(dt))
+  return out.reshape(b, tq, h, d)

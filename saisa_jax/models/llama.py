@@ -14,7 +14,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from saisa_jax.models.attention import attend
+from saisa_jax.models.attention import attend, attend_cached
 from saisa_jax.models.config import ModelConfig
 from saisa_jax.models.layers import Dense, RMSNorm, constrain, dtype_of, maybe_remat, stack_axes
 from saisa_jax.models.projectors import MLPProjector
@@ -45,28 +45,28 @@ class DecoderLayer(nn.Module):
     k = apply_rope(self.k_proj(h), *rope)
     return k, self.v_proj(h)
 
-  def __call__(self, x, rope, mask, extra_kv: Optional[tuple] = None, write_index=None):
-    """x float[B, T, d]; mask bool[B, T, K]. Returns (x, (k, v)): the keys/values
-    this layer attended to, i.e. its KV-cache content.
+  def __call__(self, x, rope, mask, extra_kv: Optional[tuple] = None, decode: bool = False):
+    """x float[B, T, d]; mask bool[B, T, K]. Returns (x, (k, v)).
 
     extra_kv (k, v) float[B, S, Hkv, hd] are keys before this call's own: SAISA's
-    visual K/V (then K = S + T), or a KV cache while decoding, where `write_index`
-    int32[B] says where each row's new key goes (then K = S).
+    visual K/V (then K = S + T and the returned k, v are all K keys: this layer's
+    KV-cache content), or, when `decode`, a KV cache read in place (T = 1, mask
+    covers the S cache slots, the token always sees itself) and the returned k, v
+    are the new token's only, [B, 1, Hkv, hd], for the caller to write into the cache.
     """
     h = self.input_norm(x)
     q = apply_rope(self.q_proj(h), *rope)
     k = apply_rope(self.k_proj(h), *rope)
     v = self.v_proj(h)
-    if extra_kv is not None and write_index is not None:
-      rows = jnp.arange(x.shape[0])
-      k = extra_kv[0].at[rows, write_index].set(k[:, 0].astype(extra_kv[0].dtype))
-      v = extra_kv[1].at[rows, write_index].set(v[:, 0].astype(extra_kv[1].dtype))
-    elif extra_kv is not None:
-      k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
-      v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=1)
     q = constrain(q, ("batch", "length", "heads", "kv"))
-    attn = constrain(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.cfg.attention),
-                     ("batch", "length", "heads", "kv"))
+    if decode:
+      attn = attend_cached(q, extra_kv[0], extra_kv[1], mask, k, v)
+    else:
+      if extra_kv is not None:
+        k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=1)
+      attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.cfg.attention)
+    attn = constrain(attn, ("batch", "length", "heads", "kv"))
     x = x + self.o_proj(attn)
     h = self.post_norm(x)
     gated = nn.silu(self.gate_proj(h)) * self.up_proj(h)
@@ -113,12 +113,13 @@ class Decoder(nn.Module):
     return fn(self.layers, feats, self.rope(positions))
 
   def __call__(self, x, positions, mask, extra_kv: Optional[tuple] = None,
-               return_kv: bool = False, write_index=None):
+               return_kv: bool = False, decode: bool = False):
     """Runs all layers. x float[B, T, d]; extra_kv: stacked [layers, B, S, Hkv, hd]
-    (SAISA's visual K/V from `visual_kv`, or a KV cache). Returns x, or (x, kv) with
-    kv the stacked keys/values every layer attended to (the KV cache)."""
+    (SAISA's visual K/V from `visual_kv`, or a KV cache when `decode`). Returns x, or
+    (x, kv) with kv the stacked keys/values every layer attended to (the KV cache), or
+    when decoding only the new token's [layers, B, 1, Hkv, hd]."""
     def body(layer, carry, kv):
-      carry, kv_all = layer(carry, rope, mask, kv, write_index)
+      carry, kv_all = layer(carry, rope, mask, kv, decode)
       return carry, (kv_all if return_kv else None)
 
     rope = self.rope(positions)

@@ -107,16 +107,22 @@ class SaisaModel(nn.Module):
     return self.decoder.logits(last)[:, 0], cache
 
   def decode_step(self, tokens, cache):
-    """tokens int32[B] at cache["next_pos"] -> (logits float32[B, vocab], cache)."""
+    """tokens int32[B] at cache["next_pos"] -> (logits float32[B, vocab], cache).
+
+    The layers read the cache in place and return only the new token's keys/values,
+    written into the (donated) cache with one scatter: a step reads the cache once
+    and copies none of it."""
     rows = jnp.arange(tokens.shape[0])
-    pos = cache["next_pos"]
-    k_pos = cache["pos"].at[rows, cache["write"]].set(pos)
-    k_valid = cache["valid"].at[rows, cache["write"]].set(True)
-    no = jnp.zeros(k_pos.shape, bool)
-    mask = attention_mask(pos[:, None], no[:, :1], k_pos, no, k_valid, self.cfg.alignment)
+    pos, write = cache["next_pos"], cache["write"]
+    no = jnp.zeros(cache["pos"].shape, bool)
+    mask = attention_mask(pos[:, None], no[:, :1], cache["pos"], no, cache["valid"],
+                          self.cfg.alignment)
     x = self.decoder.embed(tokens[:, None])
     x, (k, v) = self.decoder(x, pos[:, None], mask, (cache["k"], cache["v"]),
-                             return_kv=True, write_index=cache["write"])
-    cache = {"k": k, "v": v, "pos": k_pos, "valid": k_valid, "write": cache["write"] + 1,
-             "next_pos": pos + 1}
+                             return_kv=True, decode=True)
+    cache = {"k": cache["k"].at[:, rows, write].set(k[:, :, 0].astype(cache["k"].dtype)),
+             "v": cache["v"].at[:, rows, write].set(v[:, :, 0].astype(cache["v"].dtype)),
+             "pos": cache["pos"].at[rows, write].set(pos),
+             "valid": cache["valid"].at[rows, write].set(True),
+             "write": write + 1, "next_pos": pos + 1}
     return self.decoder.logits(x)[:, 0], cache

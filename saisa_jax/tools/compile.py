@@ -14,9 +14,10 @@ no weight is ever allocated. Reported per device, saisa beside llava:
             memory analysis, against the chip's HBM (saisa_jax/tools/tpu_specs.py)
   FLOPs     XLA's cost analysis of the partitioned program (remat recompute included).
             It counts a loop body once (the layer scans), so unless the config already
-            unrolls every scan, the count is extrapolated from compiles of the same
-            program with 1 and 2 decoder layers, fully unrolled:
-            F(L) = F(1) + (L - 1) (F(2) - F(1)); HBM traffic ("bytes accessed") alike.
+            unrolls every scan, the count is extrapolated from three fully unrolled
+            compiles of the same program with (decoder, tower) layers (1, 1), (2, 1)
+            and (1, 2): F = F11 + (L - 1)(F21 - F11) + (V - 1)(F12 - F11), L decoder
+            layers, V tower layers run; HBM traffic ("bytes accessed") alike.
   roofline  max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth): a lower bound on the
             step time that ignores inter-chip traffic and assumes perfect overlap.
 
@@ -195,6 +196,9 @@ def variant(sc, **model_fields):
   for key, value in model_fields.items():
     if key == "num_layers":
       v.model.llm.num_layers = value
+    elif key == "vision_layers_used":  # the tower runs `value` layers, whatever select_layer
+      v.model.vision.num_layers = value
+      v.model.vision.select_layer = -1
     else:
       v.model[key] = value
   v.optim.accum_steps = 1  # same global batch, same FLOPs, no loop to count once
@@ -226,9 +230,11 @@ def analyse_alignment(sc, mesh, shapes: Shapes, programs, method: str, log) -> d
   main = lowerers(sc, mesh, shapes)
   small = {}
   if method == "extrapolate":
-    small = {n: lowerers(variant(sc, num_layers=n, scan_unroll=FULL_UNROLL), mesh, shapes)
-             for n in (1, 2)}
+    small = {(n, m): lowerers(variant(sc, num_layers=n, vision_layers_used=m,
+                                      scan_unroll=FULL_UNROLL), mesh, shapes)
+             for n, m in ((1, 1), (2, 1), (1, 2))}
   layers = int(sc.model.llm.num_layers)
+  tower_layers = _tower_layers_used(sc)
   for name in programs:
     row = {}
     try:
@@ -245,14 +251,20 @@ def analyse_alignment(sc, mesh, shapes: Shapes, programs, method: str, log) -> d
       row["flops"], row["bytes"] = cost(compiled)
     del compiled
     if method == "extrapolate":
-      f1, b1 = cost(compile_program(small[1][name])[0])
-      f2, b2 = cost(compile_program(small[2][name])[0])
-      row["flops"] = f1 + (layers - 1) * (f2 - f1)
-      row["bytes"] = b1 + (layers - 1) * (b2 - b1)
+      (f11, b11), (f21, b21), (f12, b12) = (
+          cost(compile_program(small[k][name])[0]) for k in ((1, 1), (2, 1), (1, 2)))
+      row["flops"] = f11 + (layers - 1) * (f21 - f11) + (tower_layers - 1) * (f12 - f11)
+      row["bytes"] = b11 + (layers - 1) * (b21 - b11) + (tower_layers - 1) * (b12 - b11)
     rows[name] = row
     log(f"  {name}: compiled in {seconds:.0f} s; {row['memory']['total'] / GIB:.2f} GiB per device"
         + (f", {row['flops'] / 1e12:.4g} TFLOP" if "flops" in row else ""))
   return rows
+
+
+def _tower_layers_used(sc) -> int:
+  v = sc.model.vision
+  n = int(v.select_layer)
+  return n if n >= 0 else int(v.num_layers) + 1 + n
 
 
 def param_counts(sc, mesh) -> tuple[float, float]:
