@@ -7,6 +7,7 @@ import pytest
 from saisa_jax.batch import collate, pack_sample
 from saisa_jax.models.build import build
 from saisa_jax.models.config import LlamaConfig, ModelConfig, VisionConfig
+from saisa_jax.models.attention import mask_bias
 from saisa_jax.models.masks import attention_mask
 
 LLM = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -61,9 +62,9 @@ def test_text_only_sample_gives_plain_llama_logits(alignment):
   ref = np.asarray(plain.apply({"params": plain_params}, batch,
                                method=lambda m, b: m.decoder.logits(m.decoder(
                                    m.decoder.embed(b["tokens"]), b["positions"],
-                                   attention_mask(b["positions"], jnp.zeros((1, 5), bool),
-                                                  b["positions"], jnp.zeros((1, 5), bool),
-                                                  b["text_mask"], "llava")))))
+                                   mask_bias(attention_mask(
+                                       b["positions"], jnp.zeros((1, 5), bool), b["positions"],
+                                       jnp.zeros((1, 5), bool), b["text_mask"], "llava"))))))
   np.testing.assert_allclose(mixed[0, :5], ref[0], atol=1e-5, rtol=0)
 
 
@@ -97,7 +98,7 @@ def test_naavit_visual_tokens_are_independent(num_layers):
     # Layout: text t0 t1 at 0-1, visual at 2-7, text at 8-9.
     pos = np.array([[2, 3, 4, 5, 6, 7, 0, 1, 8, 9]], np.int32)
     visual = np.array([[True] * nv + [False] * nt])
-    mask = attention_mask(pos, visual, pos, visual, np.ones_like(visual), alignment)
+    mask = mask_bias(attention_mask(pos, visual, pos, visual, np.ones_like(visual), alignment))
     run_decoder = lambda xx: np.asarray(model.apply(
         {"params": params}, xx, pos, mask, method=lambda m, a, p, mk: m.decoder(a, p, mk)))
     x2 = x.copy()

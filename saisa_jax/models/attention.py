@@ -1,42 +1,107 @@
-"""Grouped-query attention core over an explicit boolean mask."""
+"""Grouped-query attention core over an additive mask bias.
+
+The mask reaches attention as a float32 bias (0 visible, -1e30 hidden) computed once
+per forward from sequence positions (masks.py) and shared by every layer: adding it
+fuses into the softmax, where a boolean select over the broadcast head axes ran ~2x
+slower on XLA:CPU. The default implementation works head-major ([B, Hkv, G*Q, D]) so
+both products are plain batched matmuls, and has a hand-written backward (the
+softmax VJP from the saved probabilities), 1.4-3x faster than autodiff on CPU.
+"""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+HIDDEN = -1e30  # bias of a hidden key: exp underflows to exactly 0, never inf - inf
 
-def attend(q, k, v, mask, impl: str = "einsum"):
+
+def mask_bias(mask):
+  """bool[B, Q, K] -> float32[B, Q, K]: 0 where visible, HIDDEN where not."""
+  return jnp.where(mask, jnp.float32(0), jnp.float32(HIDDEN))
+
+
+def attend(q, k, v, bias, impl: str = "einsum"):
   """Softmax attention with GQA.
 
-  impl: "einsum" (explicit scores, float32 softmax; the parity reference) or
-  "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs).
+  q float[B, Q, H, D], k/v float[B, K, Hkv, D] (H a multiple of Hkv), bias
+  float32[B, Q, K] or None (every key visible) -> float[B, Q, H, D]. Scores and softmax
+  in float32. A row with no visible key (padding) gets a finite, meaningless output.
 
-  q float[B, Q, H, D], k/v float[B, K, Hkv, D] (H a multiple of Hkv),
-  mask bool[B, Q, K] -> float[B, Q, H, D]. Scores and softmax in float32. A row with
-  no visible key (padding) averages all keys instead of producing NaN.
+  impl: "einsum" (explicit scores, the parity reference and fastest on CPU) or
+  "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs).
   """
   if impl == "dot_product":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[:, None])
   if impl != "einsum":
     raise ValueError(f"model.attention={impl!r}; choose einsum or dot_product")
+  return _attend(q, k, v, bias)
+
+
+def _to_heads(q, k, v):
+  """-> q [B, Hkv, G*Q, D] (the G query heads of a KV head stacked), k/v [B, Hkv, K, D]."""
   b, tq, h, d = q.shape
   hkv = k.shape[2]
-  q = q.reshape(b, tq, hkv, h // hkv, d)
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
-  scores = jnp.where(mask[:, None, None], scores, jnp.float32(-1e30))
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
-  return out.reshape(b, tq, h, d)
+  qh = q.reshape(b, tq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
+  return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def attend_cached(q, k_cache, v_cache, mask, k_new, v_new):
+def _from_heads(o, tq: int):
+  """[B, Hkv, G*Q, D] -> [B, Q, Hkv*G, D]."""
+  b, hkv, gq, d = o.shape
+  g = gq // tq
+  return o.reshape(b, hkv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, hkv * g, d)
+
+
+def _probs(qh, kh, bias, tq: int):
+  """float32[B, Hkv, G*Q, K] softmax probabilities."""
+  b, hkv, gq, d = qh.shape
+  s = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32) * (d ** -0.5)
+  if bias is not None:
+    s = (s.reshape(b, hkv, gq // tq, tq, -1) + bias[:, None, None]).reshape(b, hkv, gq, -1)
+  p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+  return p / jnp.sum(p, axis=-1, keepdims=True)
+
+
+@jax.custom_vjp
+def _attend(q, k, v, bias):
+  return _attend_fwd(q, k, v, bias)[0]
+
+
+def _attend_fwd(q, k, v, bias):
+  qh, kh, vh = _to_heads(q, k, v)
+  p = _probs(qh, kh, bias, q.shape[1])
+  oh = jnp.matmul(p.astype(v.dtype), vh)
+  return _from_heads(oh, q.shape[1]), (qh, kh, vh, p, oh, bias)
+
+
+def _attend_bwd(res, do):
+  """Softmax attention VJP: dS = P * (dO.V^T - rowsum(dO * O)); no gradient to the bias
+  (it is a function of integer positions)."""
+  qh, kh, vh, p, oh, bias = res
+  tq, d = do.shape[1], do.shape[-1]
+  hkv = kh.shape[1]
+  b, _, h, _ = do.shape
+  doh = do.reshape(b, tq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
+  dv = jnp.matmul(p.swapaxes(-1, -2).astype(doh.dtype), doh)
+  dp = jnp.matmul(doh, vh.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+  delta = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = (p * (dp - delta) * (d ** -0.5)).astype(qh.dtype)
+  dq = _from_heads(jnp.matmul(ds, kh), tq)
+  dk = jnp.matmul(ds.swapaxes(-1, -2), qh)
+  return (dq, dk.transpose(0, 2, 1, 3).astype(kh.dtype), dv.transpose(0, 2, 1, 3).astype(vh.dtype),
+          None if bias is None else jnp.zeros_like(bias))
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attend_cached(q, k_cache, v_cache, bias, k_new, v_new):
   """One decode step: attention over a KV cache plus the query's own new key.
 
   q float[B, 1, H, D]; k_cache/v_cache float[B, S, Hkv, D] (read only: never copied
-  or concatenated, so a step reads the cache once); mask bool[B, 1, S] over the cache
-  slots; k_new/v_new float[B, 1, Hkv, D], the query token's own key/value (always
-  visible to itself). -> float[B, 1, H, D]. Equals `attend` over [cache; new].
+  or concatenated, so a step reads the cache once); bias float32[B, 1, S] over the
+  cache slots; k_new/v_new float[B, 1, Hkv, D], the query token's own key/value
+  (always visible to itself). -> float[B, 1, H, D]. Equals `attend` over [cache; new].
   """
   b, tq, h, d = q.shape
   hkv = k_cache.shape[2]
@@ -44,8 +109,7 @@ def attend_cached(q, k_cache, v_cache, mask, k_new, v_new):
   dt = q.dtype
   scale = d ** -0.5
   cached = jnp.einsum("bqhgd,bkhd->bhgqk", q, k_cache.astype(dt),
-                      preferred_element_type=jnp.float32) * scale
-  cached = jnp.where(mask[:, None, None], cached, jnp.float32(-1e30))
+                      preferred_element_type=jnp.float32) * scale + bias[:, None, None]
   own = jnp.einsum("bqhgd,bqhd->bhgq", q, k_new.astype(dt),
                    preferred_element_type=jnp.float32)[..., None] * scale
   probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1)

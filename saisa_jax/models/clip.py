@@ -26,8 +26,7 @@ class VisionLayer(nn.Module):
     q = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="q_proj")(h)
     k = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="k_proj")(h)
     v = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="v_proj")(h)
-    full = jnp.ones((x.shape[0], x.shape[1], x.shape[1]), bool)
-    attn = attend(q, k, v, full)
+    attn = attend(q, k, v, None)  # every patch sees every patch: no mask at all
     x = x + Dense(c.hidden_size, ("heads", "kv", "vision_embed"), in_dims=2, use_bias=True,
                   dtype=dt, name="out_proj")(attn)
     h = LayerNorm(c.layer_norm_eps, dt, name="layer_norm2")(x)

@@ -45,12 +45,12 @@ class DecoderLayer(nn.Module):
     k = apply_rope(self.k_proj(h), *rope)
     return k, self.v_proj(h)
 
-  def __call__(self, x, rope, mask, extra_kv: Optional[tuple] = None, decode: bool = False):
-    """x float[B, T, d]; mask bool[B, T, K]. Returns (x, (k, v)).
+  def __call__(self, x, rope, bias, extra_kv: Optional[tuple] = None, decode: bool = False):
+    """x float[B, T, d]; bias float32[B, T, K] (attention.mask_bias). Returns (x, (k, v)).
 
     extra_kv (k, v) float[B, S, Hkv, hd] are keys before this call's own: SAISA's
     visual K/V (then K = S + T and the returned k, v are all K keys: this layer's
-    KV-cache content), or, when `decode`, a KV cache read in place (T = 1, mask
+    KV-cache content), or, when `decode`, a KV cache read in place (T = 1, bias
     covers the S cache slots, the token always sees itself) and the returned k, v
     are the new token's only, [B, 1, Hkv, hd], for the caller to write into the cache.
     """
@@ -60,12 +60,12 @@ class DecoderLayer(nn.Module):
     v = self.v_proj(h)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     if decode:
-      attn = attend_cached(q, extra_kv[0], extra_kv[1], mask, k, v)
+      attn = attend_cached(q, extra_kv[0], extra_kv[1], bias, k, v)
     else:
       if extra_kv is not None:
         k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=1)
-      attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.cfg.attention)
+      attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias, self.cfg.attention)
     attn = constrain(attn, ("batch", "length", "heads", "kv"))
     x = x + self.o_proj(attn)
     h = self.post_norm(x)
@@ -112,16 +112,19 @@ class Decoder(nn.Module):
                  metadata_params=stack_axes())
     return fn(self.layers, feats, self.rope(positions))
 
-  def __call__(self, x, positions, mask, extra_kv: Optional[tuple] = None,
+  def __call__(self, x, positions, bias, extra_kv: Optional[tuple] = None,
                return_kv: bool = False, decode: bool = False):
-    """Runs all layers. x float[B, T, d]; extra_kv: stacked [layers, B, S, Hkv, hd]
+    """Runs all layers. x float[B, T, d]; bias float32[B, T, K]; extra_kv: stacked [layers, B, S, Hkv, hd]
     (SAISA's visual K/V from `visual_kv`, or a KV cache when `decode`). Returns x, or
     (x, kv) with kv the stacked keys/values every layer attended to (the KV cache), or
     when decoding only the new token's [layers, B, 1, Hkv, hd]."""
     def body(layer, carry, kv):
-      carry, kv_all = layer(carry, rope, mask, kv, decode)
+      carry, kv_all = layer(carry, rope, bias, kv, decode)
       return carry, (kv_all if return_kv else None)
 
+    if bias.dtype == jnp.bool_:
+      raise TypeError("Decoder takes the mask as an additive float bias: pass "
+                      "attention.mask_bias(mask), not the boolean mask")
     rope = self.rope(positions)
     scan = nn.scan(maybe_remat(body, self.cfg.remat),
                    variable_axes={"params": 0}, split_rngs={"params": True},

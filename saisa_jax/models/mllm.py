@@ -18,6 +18,7 @@ from saisa_jax.models.clip import VisionTower
 from saisa_jax.models.config import ModelConfig
 from saisa_jax.models.layers import dtype_of
 from saisa_jax.models.llama import Decoder
+from saisa_jax.models.attention import mask_bias
 from saisa_jax.models.masks import attention_mask
 from saisa_jax.models.projectors import MLPProjector
 
@@ -53,7 +54,7 @@ class SaisaModel(nn.Module):
     if not has_images:
       mask = attention_mask(positions, q_visual, positions, q_visual, text_mask,
                             self.cfg.alignment)
-      out = self.decoder(x, positions, mask, return_kv=return_kv)
+      out = self.decoder(x, positions, mask_bias(mask), return_kv=return_kv)
       x, kv = out if return_kv else (out, None)
       return x, kv, positions, text_mask
 
@@ -64,7 +65,7 @@ class SaisaModel(nn.Module):
     if self.cfg.alignment == "saisa":
       visual_kv = self.decoder.visual_kv(feats, vis_pos)
       mask = attention_mask(positions, q_visual, k_pos, k_visual, k_valid, "saisa")
-      out = self.decoder(x, positions, mask, visual_kv, return_kv=return_kv)
+      out = self.decoder(x, positions, mask_bias(mask), visual_kv, return_kv=return_kv)
       x, kv = out if return_kv else (out, None)
       return x, kv, k_pos, k_valid
 
@@ -72,7 +73,7 @@ class SaisaModel(nn.Module):
     # mask read positions.
     x = jnp.concatenate([self.projector(feats).astype(x.dtype), x], axis=1)
     mask = attention_mask(k_pos, k_visual, k_pos, k_visual, k_valid, self.cfg.alignment)
-    out = self.decoder(x, k_pos, mask, return_kv=return_kv)
+    out = self.decoder(x, k_pos, mask_bias(mask), return_kv=return_kv)
     x, kv = out if return_kv else (out, None)
     return x[:, vis_pos.shape[1]:], kv, k_pos, k_valid
 
@@ -118,7 +119,7 @@ class SaisaModel(nn.Module):
     mask = attention_mask(pos[:, None], no[:, :1], cache["pos"], no, cache["valid"],
                           self.cfg.alignment)
     x = self.decoder.embed(tokens[:, None])
-    x, (k, v) = self.decoder(x, pos[:, None], mask, (cache["k"], cache["v"]),
+    x, (k, v) = self.decoder(x, pos[:, None], mask_bias(mask), (cache["k"], cache["v"]),
                              return_kv=True, decode=True)
     cache = {"k": cache["k"].at[:, rows, write].set(k[:, :, 0].astype(cache["k"].dtype)),
              "v": cache["v"].at[:, rows, write].set(v[:, :, 0].astype(cache["v"].dtype)),
