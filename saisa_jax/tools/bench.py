@@ -6,9 +6,10 @@ Hugging Face PyTorch LlavaForConditionalGeneration, on the same shapes in one ru
 The tiny and smollm2 presets pair an LLM with a small CLIP-shaped tower that gives
 LLaVA-1.5's 576 visual tokens (336 px, patch 14): the regime SAISA is built for;
 "default" is the main job's model (16 visual tokens). Times are medians over
---repeats calls after warm-up (spread = 25th..75th percentile); FLOPs are XLA's count
-of the compiled function (layer scans unrolled); memory is XLA's arguments +
-temporaries. Writes bench.json, bench.md and bench.png, and ends with
+--repeats calls after warm-up (spread = 25th..75th percentile) of the programs as
+configured for training and serving (layers under nn.scan); FLOPs are XLA's count of
+the same function compiled with every scan unrolled (XLA counts a loop body once);
+memory is XLA's arguments + temporaries of the timed program. Writes bench.json, bench.md and bench.png, and ends with
 
   prefill saisa/llava: R          (the largest over the presets)
   train step saisa/llava: R       (the largest over the presets)
@@ -50,11 +51,14 @@ PRESETS = {"tiny": ("tiny", BENCH_TOWER), "smollm2": ("smollm2_135m", BENCH_TOWE
 ALIGNMENTS = ("saisa", "naavit", "llava")
 
 
-def model_config(preset: str, alignment: str) -> ml_collections.ConfigDict:
+def model_config(preset: str, alignment: str, unrolled: bool = False) -> ml_collections.ConfigDict:
+  """scan_unroll 1 (as configs/saisa.py) for timing; `unrolled` for counting FLOPs.
+  (Unrolling is also slower on XLA:CPU: each layer's weights get sliced out as copies.)"""
   llm_name, tower = PRESETS[preset]
   llm = presets.lookup(presets.LLMS, llm_name, "llm")
+  unroll = max(llm["num_layers"], tower["num_layers"]) if unrolled else 1
   return ml_collections.ConfigDict(dict(
-      alignment=alignment, dtype="float32", remat="none", scan_unroll=llm["num_layers"],
+      alignment=alignment, dtype="float32", remat="none", scan_unroll=unroll,
       llm=llm, vision=dict(tower)))
 
 
@@ -75,12 +79,17 @@ def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
   }
 
 
-def timed(fn, repeats: int, warmup: int = 2) -> dict:
-  """fn() -> result (blocked on). Median and quartiles in ms."""
+def timed(fn, repeats: int, warmup: int = 2, setup=None) -> dict:
+  """fn() -> result (blocked on). Median and quartiles in ms. `setup()`, untimed, runs
+  before every call."""
   for _ in range(warmup):
+    if setup:
+      setup()
     jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
+    if setup:
+      setup()
     t = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(1000 * (time.perf_counter() - t))
@@ -88,10 +97,11 @@ def timed(fn, repeats: int, warmup: int = 2) -> dict:
   return {"ms": statistics.median(times), "p25": q[0], "p75": q[2]}
 
 
-def compiled_stats(jitted, *args) -> dict:
-  c = jitted.lower(*args).compile()
-  cost = c.cost_analysis() or {}
-  mem = c.memory_analysis()
+def compiled_stats(jitted, counted, *args) -> dict:
+  """Memory of `jitted` (the timed program), FLOPs of `counted` (its unrolled twin)."""
+  mem = jitted.lower(*args).compile().memory_analysis()
+  cost = counted.lower(*args).compile().cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"gflops": float(cost.get("flops", 0.0)) / 1e9,
           "mem_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20 if mem else None}
 
@@ -99,6 +109,7 @@ def compiled_stats(jitted, *args) -> dict:
 def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: int,
               repeats: int) -> dict:
   model, cfg = build(model_config(preset, alignment))
+  counted, _ = build(model_config(preset, alignment, unrolled=True))
   data = {k: jnp.asarray(v) for k, v in bench_batch(cfg, batch, text).items()}
   infer = {k: v for k, v in data.items() if k not in ("targets", "loss_mask")}
   params = jax.jit(model.init)(jax.random.key(0), infer)["params"]
@@ -107,17 +118,20 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   out = {}
 
   fwd = jax.jit(lambda p, b: model.apply({"params": p}, b))
-  out["forward"] = {**timed(lambda: fwd(params, infer), repeats), **compiled_stats(fwd, params, infer)}
+  fwd_u = jax.jit(lambda p, b: counted.apply({"params": p}, b))
+  out["forward"] = {**timed(lambda: fwd(params, infer), repeats),
+                    **compiled_stats(fwd, fwd_u, params, infer)}
 
   optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_steps=10, warmup_ratio=None, final_lr_frac=0.1, b1=0.9, b2=0.98,
       eps=1e-8, weight_decay=0.0, clip_norm=1.0, trainable=".*", total_steps=1000))
   tx, lr_fn, trainable = make_optimizer(optim, params)
   step = jax.jit(make_train_step(model, tx, lr_fn, trainable), donate_argnums=0)
+  step_u = jax.jit(make_train_step(counted, tx, lr_fn, trainable), donate_argnums=0)
   # The step donates its state: give it its own copy of the params.
   own = jax.tree.map(jnp.copy, params)
   state = {"step": jnp.zeros((), jnp.int32), "params": own, "opt_state": tx.init(own)}
-  stats = compiled_stats(step, state, data)
+  stats = compiled_stats(step, step_u, state, data)
   holder = {"state": state}
 
   def one_step():
@@ -127,22 +141,30 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
 
   size = text + cfg.num_visual + decode_steps
   prefill = jax.jit(lambda p, b: model.apply({"params": p}, b, size, method=model.prefill))
+  prefill_u = jax.jit(lambda p, b: counted.apply({"params": p}, b, size, method=counted.prefill))
   out["prefill"] = {**timed(lambda: prefill(params, infer), repeats),
-                    **compiled_stats(prefill, params, infer)}
+                    **compiled_stats(prefill, prefill_u, params, infer)}
 
-  decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode_step))
+  # As saisa-eval runs it: the cache is donated and updated in place.
+  decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode_step),
+                   donate_argnums=2)
+  decode_u = jax.jit(lambda p, t, c: counted.apply({"params": p}, t, c,
+                                                   method=counted.decode_step))
   logits, cache = prefill(params, infer)
   tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-  stats = compiled_stats(decode, params, tokens, cache)
-  jax.block_until_ready(decode(params, tokens, cache))
+  stats = compiled_stats(decode, decode_u, params, tokens, cache)
+  fresh = {}
+
+  def new_cache():  # each run starts from the prefill's cache (a run donates its copy)
+    fresh["cache"] = jax.block_until_ready(jax.tree.map(jnp.copy, cache))
 
   def decode_run():
-    c, t = cache, tokens
+    c, t = fresh.pop("cache"), tokens
     for _ in range(decode_steps):
       lg, c = decode(params, t, c)
       t = jnp.argmax(lg, -1).astype(jnp.int32)
     return t
-  run = timed(decode_run, max(2, repeats // 2), warmup=1)
+  run = timed(decode_run, max(2, repeats // 2), warmup=1, setup=new_cache)
   out["decode"] = {"ms": run["ms"] / decode_steps, "p25": run["p25"] / decode_steps,
                    "p75": run["p75"] / decode_steps, **stats,
                    "tokens_per_s": batch * decode_steps / (run["ms"] / 1000)}
