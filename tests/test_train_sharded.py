@@ -1,5 +1,6 @@
 """8 simulated CPU devices, mesh data=2 x fsdp=2 x tensor=2: the same losses as one
-device (float32, 1e-5), with parameters really sharded."""
+device (float32, 1e-5), with parameters really sharded and the activation sharding
+constraints of the model present in the lowered step."""
 import json
 import os
 import subprocess
@@ -37,6 +38,12 @@ SCRIPT = textwrap.dedent("""
       out[name + "_fraction"] = w.addressable_shards[0].data.nbytes / w.nbytes
       out[name + "_spec"] = str(w.sharding.spec)
       out[name + "_devices"] = len(w.sharding.device_set)
+      # The model's activation constraints reach XLA (the mesh and rules are set
+      # while tracing): e.g. the FFN's [batch, length, mlp] over (data, fsdp), tensor.
+      text = setup.step_fn.lower(state, to_global(batches[0], mesh)).as_text()
+      out[name + "_constraints"] = text.count("sharding_constraint")
+      out[name + "_batch_tensor"] = any('{{"data", "fsdp"}}' in l and '{{"tensor"}}' in l
+                                        for l in text.splitlines() if "sharding_constraint" in l)
     print("RESULT " + json.dumps(out))
 """)
 
@@ -56,3 +63,4 @@ def test_mesh_2x2x2_matches_one_device(embedded):
   assert out["mesh_fraction"] == 0.25, out["mesh_spec"]
   assert out["single_fraction"] == 1.0
   assert out["mesh_devices"] == 8
+  assert out["mesh_constraints"] > 10 and out["mesh_batch_tensor"], out

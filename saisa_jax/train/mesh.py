@@ -91,3 +91,21 @@ def _fit(spec: PartitionSpec, mesh: Mesh, shape=None) -> PartitionSpec:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) axis over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, _fit(PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))), mesh))
+
+
+class InMesh:
+  """A jitted function that traces (on call or `.lower`) with `mesh` and the logical
+  axis `rules` set, so the model's activation constraints (`with_logical_constraint`:
+  batch over data/fsdp, heads and mlp over tensor) reach XLA instead of being dropped
+  as they are without a mesh in context."""
+
+  def __init__(self, fn, mesh: Mesh, rules):
+    self.fn, self.mesh, self.rules = fn, mesh, rules
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn.lower(*args)

@@ -31,7 +31,7 @@ from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
 from saisa_jax.train import checkpoint as ckpt_lib
 from saisa_jax.train.curves import plot_curves
-from saisa_jax.train.mesh import batch_sharding, make_mesh, rules_from_config
+from saisa_jax.train.mesh import InMesh, batch_sharding, make_mesh, rules_from_config
 from saisa_jax.train.metrics import MetricWriter, progress_line
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.stages import stage_config, stage_names
@@ -95,6 +95,7 @@ def setup_stage(sc, mesh) -> StageSetup:
   step_fn = jax.jit(make_train_step(model, tx, lr_fn, trainable, int(sc.optim.accum_steps)),
                     in_shardings=(shardings, None), out_shardings=(shardings, None),
                     donate_argnums=0)
+  step_fn = InMesh(step_fn, mesh, rules)
   return StageSetup(model, cfg, tx, trainable, abstract_state, shardings, step_fn)
 
 
