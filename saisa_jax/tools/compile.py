@@ -12,12 +12,14 @@ no weight is ever allocated. Reported per device, saisa beside llava:
 
   memory    arguments + outputs - donated (aliased) + temporaries + code, from XLA's
             memory analysis, against the chip's HBM (saisa_jax/tools/tpu_specs.py)
-  FLOPs     XLA's cost analysis of the partitioned program (remat recompute included).
-            It counts a loop body once (the layer scans), so unless the config already
-            unrolls every scan, the count is extrapolated from three fully unrolled
-            compiles of the same program with (decoder, tower) layers (1, 1), (2, 1)
-            and (1, 2): F = F11 + (L - 1)(F21 - F11) + (V - 1)(F12 - F11), L decoder
-            layers, V tower layers run; HBM traffic ("bytes accessed") alike.
+  FLOPs     XLA's cost analysis of the same program, unpartitioned, compiled for the CPU
+            (remat recompute included), divided by the devices: each chip's share
+            under perfect partitioning. XLA counts a loop body once (the layer scans),
+            so unless the config already unrolls every scan, the count is extrapolated
+            from three fully unrolled compiles with (decoder, tower) layers (1, 1),
+            (2, 1) and (1, 2): F = F11 + (L - 1)(F21 - F11) + (V - 1)(F12 - F11), L
+            decoder layers, V tower layers run; "bytes accessed" alike (a rough proxy
+            for HBM traffic: CPU fusion decisions, not TPU's).
   roofline  max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth): a lower bound on the
             step time that ignores inter-chip traffic and assumes perfect overlap.
 
@@ -225,16 +227,27 @@ def out_of_memory(err: Exception) -> bool:
 
 
 def analyse_alignment(sc, mesh, shapes: Shapes, programs, method: str, log) -> dict:
-  """Compiles each program of one alignment; -> {program: report row}."""
+  """Compiles each program of one alignment; -> {program: report row}.
+
+  Memory comes from the TPU compile of the real program. FLOPs and bytes come from the
+  CPU compiler's count of the unpartitioned program (one device), divided by the
+  number of devices: the work each chip does under perfect partitioning. (The TPU
+  compiler's own per-device counts of the partitioned 1-/2-layer programs proved
+  unreliable at 7B: loops it adds for collective matmuls are counted once, and the
+  small unrolled variants can exceed HBM at compile time.)"""
   rows = {}
   main = lowerers(sc, mesh, shapes)
-  small = {}
-  if method == "extrapolate":
-    small = {(n, m): lowerers(variant(sc, num_layers=n, vision_layers_used=m,
-                                      scan_unroll=FULL_UNROLL), mesh, shapes)
-             for n, m in ((1, 1), (2, 1), (1, 2))}
+  cpu_mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
+  counted = {}
+  if method in ("direct", "unrolled"):
+    counted = {"all": lowerers(sc, cpu_mesh, shapes)}
+  elif method == "extrapolate":
+    counted = {(n, m): lowerers(variant(sc, num_layers=n, vision_layers_used=m,
+                                        scan_unroll=FULL_UNROLL), cpu_mesh, shapes)
+               for n, m in ((1, 1), (2, 1), (1, 2))}
   layers = int(sc.model.llm.num_layers)
   tower_layers = _tower_layers_used(sc)
+  devices = mesh.devices.size
   for name in programs:
     row = {}
     try:
@@ -247,14 +260,16 @@ def analyse_alignment(sc, mesh, shapes: Shapes, programs, method: str, log) -> d
       continue
     row["memory"] = memory(compiled)
     row["compile_s"] = seconds
-    if method in ("direct", "unrolled"):
-      row["flops"], row["bytes"] = cost(compiled)
     del compiled
-    if method == "extrapolate":
+    if method in ("direct", "unrolled"):
+      f, b = cost(compile_program(counted["all"][name])[0])
+      row["flops"], row["bytes"] = f / devices, b / devices
+    elif method == "extrapolate":
       (f11, b11), (f21, b21), (f12, b12) = (
-          cost(compile_program(small[k][name])[0]) for k in ((1, 1), (2, 1), (1, 2)))
-      row["flops"] = f11 + (layers - 1) * (f21 - f11) + (tower_layers - 1) * (f12 - f11)
-      row["bytes"] = b11 + (layers - 1) * (b21 - b11) + (tower_layers - 1) * (b12 - b11)
+          cost(compile_program(counted[k][name])[0]) for k in ((1, 1), (2, 1), (1, 2)))
+      f = f11 + (layers - 1) * (f21 - f11) + (tower_layers - 1) * (f12 - f11)
+      b = b11 + (layers - 1) * (b21 - b11) + (tower_layers - 1) * (b12 - b11)
+      row["flops"], row["bytes"] = f / devices, b / devices
     rows[name] = row
     log(f"  {name}: compiled in {seconds:.0f} s; {row['memory']['total'] / GIB:.2f} GiB per device"
         + (f", {row['flops'] / 1e12:.4g} TFLOP" if "flops" in row else ""))
