@@ -106,7 +106,9 @@ class Decoder(nn.Module):
 
     feats float[B, V, c], positions int32[B, V] -> (k, v) float[layers, B, V, Hkv, hd].
     """
-    fn = nn.vmap(lambda layer, f, rope: layer.visual_kv(f, rope),
+    # Rematerialised like the layer scan: otherwise every layer's projector
+    # activations over all visual tokens stay live until the backward pass.
+    fn = nn.vmap(maybe_remat(lambda layer, f, rope: layer.visual_kv(f, rope), self.cfg.remat),
                  variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=(None, None), axis_size=self.cfg.llm.num_layers,
                  metadata_params=stack_axes())
