@@ -2,7 +2,8 @@
 
   --config configs/saisa.py:llm=vicuna7b,alignment=llava
 Arguments: llm (tiny | smollm2_135m | vicuna7b | llama3_8b), tower (default: the
-LLM's), alignment (saisa | llava | naavit), dtype (float32 | bfloat16), remat.
+LLM's), alignment (saisa | llava | naavit), dtype (float32 | bfloat16), remat,
+visual_pass (vmap | scan).
 """
 from saisa_jax import presets
 from saisa_jax.config_args import parse_arg
@@ -11,10 +12,11 @@ import ml_collections
 
 def get_config(arg=None):
   a = parse_arg(arg, llm="vicuna7b", tower="", alignment="saisa", dtype="bfloat16",
-                remat="full")
+                remat="full", visual_pass="vmap")
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict(dict(
       alignment=a.alignment, dtype=a.dtype, remat=a.remat, scan_unroll=1,
+      visual_pass=a.visual_pass,
       llm=presets.lookup(presets.LLMS, a.llm, "llm"),
       vision=presets.lookup(presets.TOWERS, a.tower or presets.DEFAULT_TOWER[a.llm], "tower")))
   config.model.llm.rope_scaling = ml_collections.FieldReference(None, field_type=dict)

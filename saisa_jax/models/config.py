@@ -65,10 +65,16 @@ class ModelConfig:
   remat: str = "none"           # none | full | dots | dots_no_batch
   scan_unroll: int = 1          # layers unrolled per scan step (num_layers: fully)
   attention: str = "einsum"     # einsum | dot_product (jax.nn.dot_product_attention)
+  # SAISA's visual K/V of all layers: "vmap" (one batched pass) or "scan" (layer by
+  # layer: a lower peak when training at scale, where the batched backward holds every
+  # layer's projector activations at once).
+  visual_pass: str = "vmap"
 
   def __post_init__(self):
     if self.alignment not in ALIGNMENTS:
       raise ValueError(f"model.alignment={self.alignment!r}; choose one of {ALIGNMENTS}")
+    if self.visual_pass not in ("vmap", "scan"):
+      raise ValueError(f"model.visual_pass={self.visual_pass!r}; choose vmap or scan")
 
   @property
   def num_visual(self) -> int:
@@ -101,4 +107,5 @@ def from_config(model: Any) -> ModelConfig:
       remat=get(model, "remat", "none"),
       scan_unroll=int(get(model, "scan_unroll", 1)),
       attention=get(model, "attention", "einsum"),
+      visual_pass=get(model, "visual_pass", "vmap"),
   )

@@ -106,13 +106,22 @@ class Decoder(nn.Module):
 
     feats float[B, V, c], positions int32[B, V] -> (k, v) float[layers, B, V, Hkv, hd].
     """
+    rope = self.rope(positions)
     # Rematerialised like the layer scan: otherwise every layer's projector
     # activations over all visual tokens stay live until the backward pass.
-    fn = nn.vmap(maybe_remat(lambda layer, f, rope: layer.visual_kv(f, rope), self.cfg.remat),
+    if self.cfg.visual_pass == "scan":
+      body = maybe_remat(lambda layer, carry, f, r: (carry, layer.visual_kv(f, r)),
+                         self.cfg.remat)
+      fn = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast, nn.broadcast), length=self.cfg.llm.num_layers,
+                   unroll=min(self.cfg.scan_unroll, self.cfg.llm.num_layers),
+                   metadata_params=stack_axes())
+      return fn(self.layers, None, feats, rope)[1]
+    fn = nn.vmap(maybe_remat(lambda layer, f, r: layer.visual_kv(f, r), self.cfg.remat),
                  variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=(None, None), axis_size=self.cfg.llm.num_layers,
                  metadata_params=stack_axes())
-    return fn(self.layers, feats, self.rope(positions))
+    return fn(self.layers, feats, rope)
 
   def __call__(self, x, positions, bias, extra_kv: Optional[tuple] = None,
                return_kv: bool = False, decode: bool = False):
