@@ -112,3 +112,18 @@ def test_naavit_visual_tokens_are_independent(num_layers):
   np.testing.assert_array_equal(a[0, 6:8], b[0, 6:8])  # earlier text did not
   la, lb = hidden["llava"]
   assert np.abs(la[0, 4:6] - lb[0, 4:6]).max() > 1e-3  # llava: later visual tokens see it
+
+
+def test_visual_pass_scan_equals_the_batched_vmap_pass(remat="full"):
+  """model.visual_pass=scan (layer by layer) computes what the batched pass does:
+  same parameter tree, logits and gradients (float32, 1e-5 relative)."""
+  model, cfg, params = make("saisa")
+  scan_model, _ = build(ModelConfig(LLM, VISION, alignment="saisa", visual_pass="scan",
+                                    remat=remat))
+  batch = collate([pack_sample([[1, 2], _image(0), [3, 4]], cfg.num_visual),
+                   pack_sample([_image(1), [5], _image(2), [6]], cfg.num_visual)], 8, 2, (16, 16))
+  loss = lambda m: jax.jit(jax.grad(lambda p: jnp.sum(jnp.tanh(m.apply({"params": p}, batch)))))
+  fwd = lambda m: jax.jit(lambda p: m.apply({"params": p}, batch))
+  np.testing.assert_allclose(fwd(scan_model)(params), fwd(model)(params), atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(loss(scan_model)(params)), jax.tree.leaves(loss(model)(params))):
+    np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())), rtol=0)
