@@ -37,12 +37,15 @@ def attend(q, k, v, bias, impl: str = "einsum"):
   return _attend(q, k, v, bias)
 
 
+def _group_heads(x, hkv: int):
+  """[B, Q, H, D] -> [B, Hkv, G*Q, D]: the G query heads of each KV head stacked."""
+  b, tq, h, d = x.shape
+  return x.reshape(b, tq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
+
+
 def _to_heads(q, k, v):
-  """-> q [B, Hkv, G*Q, D] (the G query heads of a KV head stacked), k/v [B, Hkv, K, D]."""
-  b, tq, h, d = q.shape
-  hkv = k.shape[2]
-  qh = q.reshape(b, tq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
-  return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  """-> q [B, Hkv, G*Q, D], k/v [B, Hkv, K, D]."""
+  return _group_heads(q, k.shape[2]), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def _from_heads(o, tq: int):
@@ -79,9 +82,7 @@ def _attend_bwd(res, do):
   (it is a function of integer positions)."""
   qh, kh, vh, p, oh, bias = res
   tq, d = do.shape[1], do.shape[-1]
-  hkv = kh.shape[1]
-  b, _, h, _ = do.shape
-  doh = do.reshape(b, tq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
+  doh = _group_heads(do, kh.shape[1])
   dv = jnp.matmul(p.swapaxes(-1, -2).astype(doh.dtype), doh)
   dp = jnp.matmul(doh, vh.swapaxes(-1, -2), preferred_element_type=jnp.float32)
   delta = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)

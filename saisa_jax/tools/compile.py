@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from saisa_jax.models.build import dummy_batch
+from saisa_jax.models.config import from_config
 from saisa_jax.tools.tpu_specs import chip_spec
 from saisa_jax.train.mesh import batch_sharding, make_mesh
 from saisa_jax.train.stages import stage_config, stage_names
@@ -246,7 +247,7 @@ def analyse_alignment(sc, mesh, shapes: Shapes, programs, method: str, log) -> d
                                         scan_unroll=FULL_UNROLL), cpu_mesh, shapes)
                for n, m in ((1, 1), (2, 1), (1, 2))}
   layers = int(sc.model.llm.num_layers)
-  tower_layers = _tower_layers_used(sc)
+  tower_layers = from_config(sc.model).vision.layers_used
   devices = mesh.devices.size
   for name in programs:
     row = {}
@@ -274,12 +275,6 @@ def analyse_alignment(sc, mesh, shapes: Shapes, programs, method: str, log) -> d
     log(f"  {name}: compiled in {seconds:.0f} s; {row['memory']['total'] / GIB:.2f} GiB per device"
         + (f", {row['flops'] / 1e12:.4g} TFLOP" if "flops" in row else ""))
   return rows
-
-
-def _tower_layers_used(sc) -> int:
-  v = sc.model.vision
-  n = int(v.select_layer)
-  return n if n >= 0 else int(v.num_layers) + 1 + n
 
 
 def param_counts(sc, mesh) -> tuple[float, float]:
