@@ -23,22 +23,17 @@ clip 1.0, bf16 compute, full remat. Max length 2048 positions, visual slots incl
 holds at most 1472 text tokens, a text-only sample 2048.
 Recipe from ../shared/reference/saisa.md section 4.
 """
-import importlib.util
 import os
 
 import ml_collections
 
-from saisa_jax.config_args import parse_arg
+from saisa_jax.config_args import load_config_file, parse_arg
 from saisa_jax.data.config import get_data_config
 
 
 def _model_config(arg: str):
-  """configs/saisa.py's get_config, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saisa.py")
-  spec = importlib.util.spec_from_file_location("_saisa_model_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/saisa.py's get_config(arg)."""
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "saisa.py"), arg)
 
 
 # LLaVA-1.5's data: one epoch of each set (steps = ceil(samples / global batch)).

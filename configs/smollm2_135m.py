@@ -17,24 +17,19 @@ Stage 1 (pretrain): captions, template plain; the tower and the projectors train
 LLM is frozen. Stage 2 (finetune): questions, vicuna_v1; everything trains, at a
 lower rate (the LLM is pretrained).
 """
-import importlib.util
 import os
 
 import ml_collections
 
 from saisa_jax import presets
-from saisa_jax.config_args import parse_arg
+from saisa_jax.config_args import load_config_file, parse_arg
 
 DEFAULT_MODEL_DIR = os.path.join("~", ".cache", "saisa_jax", "smollm2_135m")
 
 
 def _default_config(arg: str):
-  """configs/default.py's get_config, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("_saisa_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/default.py's get_config(arg)."""
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"), arg)
 
 
 def get_config(arg=None):

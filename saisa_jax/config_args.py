@@ -1,7 +1,18 @@
-"""`get_config(arg)` argument strings: "llm=vicuna7b,alignment=llava" -> ConfigDict."""
+"""Config files: `get_config(arg)` argument strings ("llm=vicuna7b,alignment=llava" ->
+ConfigDict) and loading a config file by path (configs/ is not a package)."""
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
+
+
+def load_config_file(path: str, arg: str | None = None):
+  """get_config(arg) (or get_config() when arg is empty) of the config file at `path`."""
+  spec = importlib.util.spec_from_file_location("_saisa_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

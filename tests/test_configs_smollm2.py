@@ -1,12 +1,12 @@
 """configs/smollm2_135m.py builds, freezes what it says, and keeps SmolLM2's tokenizer
 on the embedded set (the smoke training itself is in the report: minutes on CPU)."""
-import importlib.util
 import os
 
 import flax.linen as nn
 
 from saisa_jax import presets
 from saisa_jax.data.embedded import prepare_embedded
+from saisa_jax.config_args import load_config_file
 from saisa_jax.models.build import build
 from saisa_jax.train.optim import param_paths, trainable_mask
 from saisa_jax.train.stages import stage_config
@@ -16,10 +16,7 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2_135m.
 
 
 def get_config(arg):
-  spec = importlib.util.spec_from_file_location("_smollm2_config", CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(CONFIG, arg)
 
 
 def test_config_points_at_the_imported_model(tmp_path):

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import sys
 import time
+
+from saisa_jax.config_args import load_config_file
 
 
 def load_config(spec: str, overrides=()):
   """`path.py[:arg]` -> get_config(arg), then `key.sub=value` overrides."""
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_saisa_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+  config = load_config_file(path, arg)
   for item in overrides:
     key, _, value = item.partition("=")
     try:
