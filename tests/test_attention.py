@@ -73,3 +73,23 @@ def test_decode_over_cache_plus_own_key_equals_attention_over_both():
   full_mask = jnp.concatenate([mask, jnp.ones((2, 1, 1), bool)], axis=2)
   want = textbook(q, jnp.concatenate([k, k_new], 1), jnp.concatenate([v, v_new], 1), full_mask)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prefix,tq,block", [(0, 13, 4), (5, 13, 4), (3, 8, 8), (0, 9, 2)])
+def test_causal_blocks_equal_the_unblocked_attention(prefix, tq, block):
+  """Keys [prefix (seen by all, e.g. saisa's visual keys); tq causal]: query blocks that
+  read only the keys up to their last row give the same outputs and gradients."""
+  q, k, v, _ = _inputs(tq=tq, tk=prefix + tq)
+  rng = np.random.default_rng(3)
+  mask = np.tril(np.ones((tq, tq), bool))[None].repeat(2, 0)
+  mask = np.concatenate([rng.random((2, tq, prefix)) < 0.7, mask & (rng.random((2, tq, tq)) < 0.8)], 2)
+  mask[:, :, prefix] = True
+  bias = mask_bias(jnp.asarray(mask))
+  cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  blocked = lambda q, k, v: attend(q, k, v, bias, causal_from=prefix, block=block)
+  np.testing.assert_allclose(blocked(q, k, v), textbook(q, k, v, jnp.asarray(mask)),
+                             atol=1e-5, rtol=0)
+  got = jax.grad(lambda *a: jnp.sum(blocked(*a) * cot), (0, 1, 2))(q, k, v)
+  want = jax.grad(lambda *a: jnp.sum(attend(*a, bias) * cot), (0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)

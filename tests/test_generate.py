@@ -33,7 +33,7 @@ PROMPTS = [
 
 
 def _model(alignment):
-  cfg = ModelConfig(LLM, VISION, alignment=alignment)
+  cfg = ModelConfig(LLM, VISION, alignment=alignment, attention_block=3)  # blocked prefill
   model, _ = build(cfg)
   batch = collate([pack_sample(PROMPTS[1], cfg.num_visual)], 8, 1, (16, 16))
   params = model.init(jax.random.key(1), batch)["params"]

@@ -26,7 +26,8 @@ def test_text_logits_equal_hf_llama(kv_heads, tie, llama3):
   if tie:
     hf.tie_weights()
   vision = oracles.our_vision(oracles.clip_hf_config())
-  cfg = ModelConfig(oracles.our_llama(hf_cfg), vision, alignment="saisa")
+  # 40 tokens in query blocks of 16: causal block skipping against HF's full causal.
+  cfg = ModelConfig(oracles.our_llama(hf_cfg), vision, alignment="saisa", attention_block=16)
   rules = layout.llama_rules(cfg) + layout.saisa_projector_rules() + layout.clip_rules()
   sd = dict(hf.state_dict())
   # The text path never touches tower or projectors; give them zeros.
@@ -87,7 +88,8 @@ def _zero_llm(cfg):
   return sd
 
 
-def test_llava_mode_equals_hf_llava():
+@pytest.mark.parametrize("block", [0, 5], ids=["unblocked", "causal-blocks"])
+def test_llava_mode_equals_hf_llava(block):
   text_cfg = oracles.llama_hf_config(num_kv_heads=2, vocab=100)
   vis_cfg = oracles.clip_hf_config(layers=3)
   image_token = 99
@@ -97,7 +99,8 @@ def test_llava_mode_equals_hf_llava():
                                     projector_hidden_act="gelu")
   hf = transformers.LlavaForConditionalGeneration(hf_cfg).eval()
   oracles.randomize_(hf, seed=2)
-  cfg = ModelConfig(oracles.our_llama(text_cfg), oracles.our_vision(vis_cfg), alignment="llava")
+  cfg = ModelConfig(oracles.our_llama(text_cfg), oracles.our_vision(vis_cfg), alignment="llava",
+                    attention_block=block)
   params = oracles.params_from_state_dict(cfg, hf.state_dict(), layout.model_rules(cfg, "hf_llava"))
 
   rng = np.random.default_rng(2)

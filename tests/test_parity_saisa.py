@@ -13,14 +13,15 @@ from saisa_jax.models.config import ModelConfig
 TOL = 1e-4
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_saisa_mode_equals_pytorch_reference(kv_heads):
+@pytest.mark.parametrize("kv_heads,block", [(4, 0), (2, 4)], ids=["mha", "gqa-causal-blocks"])
+def test_saisa_mode_equals_pytorch_reference(kv_heads, block):
   llama_kw = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5)
   clip_kw = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                  image_size=32, patch_size=8, layer_norm_eps=1e-5)
   ref = torch_saisa.build_random(llama_kw, clip_kw, seed=3).eval()
-  cfg = ModelConfig(oracles.our_llama(ref.config), oracles.our_vision(ref.vision_config), "saisa")
+  cfg = ModelConfig(oracles.our_llama(ref.config), oracles.our_vision(ref.vision_config), "saisa",
+                    attention_block=block)
   params = oracles.params_from_state_dict(cfg, ref.released_state_dict(),
                                           layout.model_rules(cfg, "saisa"))
 

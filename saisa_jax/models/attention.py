@@ -6,6 +6,13 @@ fuses into the softmax, where a boolean select over the broadcast head axes ran 
 slower on XLA:CPU. The default implementation works head-major ([B, Hkv, G*Q, D]) so
 both products are plain batched matmuls, and has a hand-written backward (the
 softmax VJP from the saved probabilities), 1.4-3x faster than autodiff on CPU.
+
+Causal block skipping: when the caller promises that the keys from `causal_from` on
+are in the queries' order (key causal_from + j is hidden from query i whenever j > i;
+mllm.py sorts rows by position to keep that promise), the queries run in blocks and
+block i reads only the keys up to its last row, so the scores above the diagonal are
+never computed: ~(n + 1) / 2n of the work for n blocks (about 2x faster attention on
+CPU at 640 tokens). The output is exactly that of the unblocked call.
 """
 from __future__ import annotations
 
@@ -20,7 +27,8 @@ def mask_bias(mask):
   return jnp.where(mask, jnp.float32(0), jnp.float32(HIDDEN))
 
 
-def attend(q, k, v, bias, impl: str = "einsum"):
+def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
+           block: int = 0):
   """Softmax attention with GQA.
 
   q float[B, Q, H, D], k/v float[B, K, Hkv, D] (H a multiple of Hkv), bias
@@ -29,12 +37,30 @@ def attend(q, k, v, bias, impl: str = "einsum"):
 
   impl: "einsum" (explicit scores, the parity reference and fastest on CPU) or
   "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs).
+  causal_from / block: causal block skipping (module docstring) with `block` query rows
+  per block; None or 0 turns it off. Only "einsum" skips, and only under a bias (the
+  bias is what hides the skipped keys in the unblocked computation).
   """
   if impl == "dot_product":
     return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[:, None])
   if impl != "einsum":
     raise ValueError(f"model.attention={impl!r}; choose einsum or dot_product")
+  if causal_from is not None and block and bias is not None and q.shape[1] > block:
+    return _attend_blocks(q, k, v, bias, causal_from, block)
   return _attend(q, k, v, bias)
+
+
+def _attend_blocks(q, k, v, bias, causal_from: int, block: int):
+  """Query rows [s, e) attend to keys [0, causal_from + e): the later keys are hidden
+  from all of them by the causal promise. Autodiff sums the key gradients of the
+  blocks; each block keeps the hand-written softmax backward."""
+  tq, tk = q.shape[1], k.shape[1]
+  outs = []
+  for s in range(0, tq, block):
+    e = min(tq, s + block)
+    end = min(tk, causal_from + e)
+    outs.append(_attend(q[:, s:e], k[:, :end], v[:, :end], bias[:, s:e, :end]))
+  return jnp.concatenate(outs, axis=1)
 
 
 def _group_heads(x, hkv: int):

@@ -65,6 +65,8 @@ class ModelConfig:
   remat: str = "none"           # none | full | dots | dots_no_batch
   scan_unroll: int = 1          # layers unrolled per scan step (num_layers: fully)
   attention: str = "einsum"     # einsum | dot_product (jax.nn.dot_product_attention)
+  # Query rows per block of causal block skipping in the decoder (attention.py); 0: off.
+  attention_block: int = 128
   # SAISA's visual K/V of all layers: "vmap" (one batched pass) or "scan" (layer by
   # layer: a lower peak when training at scale, where the batched backward holds every
   # layer's projector activations at once).
@@ -73,6 +75,9 @@ class ModelConfig:
   def __post_init__(self):
     if self.alignment not in ALIGNMENTS:
       raise ValueError(f"model.alignment={self.alignment!r}; choose one of {ALIGNMENTS}")
+    if self.attention_block < 0:
+      raise ValueError(f"model.attention_block={self.attention_block}; use 0 (off) or a "
+                       "positive number of query rows per block")
     if self.visual_pass not in ("vmap", "scan"):
       raise ValueError(f"model.visual_pass={self.visual_pass!r}; choose vmap or scan")
 
@@ -107,5 +112,6 @@ def from_config(model: Any) -> ModelConfig:
       remat=get(model, "remat", "none"),
       scan_unroll=int(get(model, "scan_unroll", 1)),
       attention=get(model, "attention", "einsum"),
+      attention_block=int(get(model, "attention_block", 128)),
       visual_pass=get(model, "visual_pass", "vmap"),
   )

@@ -45,8 +45,10 @@ class DecoderLayer(nn.Module):
     k = apply_rope(self.k_proj(h), *rope)
     return k, self.v_proj(h)
 
-  def __call__(self, x, rope, bias, extra_kv: Optional[tuple] = None, decode: bool = False):
+  def __call__(self, x, rope, bias, extra_kv: Optional[tuple] = None, decode: bool = False,
+               causal_from: Optional[int] = None):
     """x float[B, T, d]; bias float32[B, T, K] (attention.mask_bias). Returns (x, (k, v)).
+    causal_from: keys from this index on are in the rows' order (attention.attend).
 
     extra_kv (k, v) float[B, S, Hkv, hd] are keys before this call's own: SAISA's
     visual K/V (then K = S + T and the returned k, v are all K keys: this layer's
@@ -65,7 +67,8 @@ class DecoderLayer(nn.Module):
       if extra_kv is not None:
         k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=1)
-      attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias, self.cfg.attention)
+      attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias, self.cfg.attention,
+                    causal_from, self.cfg.attention_block)
     attn = constrain(attn, ("batch", "length", "heads", "kv"))
     x = x + self.o_proj(attn)
     h = self.post_norm(x)
@@ -124,13 +127,16 @@ class Decoder(nn.Module):
     return fn(self.layers, feats, rope)
 
   def __call__(self, x, positions, bias, extra_kv: Optional[tuple] = None,
-               return_kv: bool = False, decode: bool = False):
+               return_kv: bool = False, decode: bool = False,
+               causal_from: Optional[int] = None):
     """Runs all layers. x float[B, T, d]; bias float32[B, T, K]; extra_kv: stacked [layers, B, S, Hkv, hd]
     (SAISA's visual K/V from `visual_kv`, or a KV cache when `decode`). Returns x, or
     (x, kv) with kv the stacked keys/values every layer attended to (the KV cache), or
-    when decoding only the new token's [layers, B, 1, Hkv, hd]."""
+    when decoding only the new token's [layers, B, 1, Hkv, hd]. causal_from: the
+    caller's promise that the keys from this index on ([extra; x] order) are sorted as
+    the rows of x are, so no row sees a later row (enables causal block skipping)."""
     def body(layer, carry, kv):
-      carry, kv_all = layer(carry, rope, bias, kv, decode)
+      carry, kv_all = layer(carry, rope, bias, kv, decode, causal_from)
       return carry, (kv_all if return_kv else None)
 
     if bias.dtype == jnp.bool_:

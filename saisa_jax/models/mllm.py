@@ -23,6 +23,24 @@ from saisa_jax.models.masks import attention_mask
 from saisa_jax.models.projectors import MLPProjector
 
 
+def _position_order(positions, valid):
+  """int32[B, T] positions, bool[B, T] -> int32[B, T]: the row order that sorts the
+  valid rows by position, invalid (padding) rows after them in array order."""
+  key = jnp.where(valid, positions, jnp.iinfo(jnp.int32).max)
+  return jnp.argsort(key, axis=1, stable=True).astype(jnp.int32)
+
+
+def _gather_rows(order, *arrays):
+  """Reorders axis 1 of each [B, T, ...] array by `order` int32[B, T]."""
+  return [jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+          for a in arrays]
+
+
+def _ungather_rows(order, x):
+  """Inverse of _gather_rows(order, x) for x [B, T, d]."""
+  return _gather_rows(jnp.argsort(order, axis=1), x)[0]
+
+
 class SaisaModel(nn.Module):
   cfg: ModelConfig
 
@@ -45,37 +63,52 @@ class SaisaModel(nn.Module):
     return feats, positions, valid
 
   def _forward(self, batch, return_kv: bool = False):
-    """-> (text hidden float[B, L, d], kv or None, key positions int32[B, K],
-    key validity bool[B, K]); keys are ordered [visual (N*P); text (L)]."""
+    """-> (text hidden float[B, L, d] in the batch's token order, kv or None, key
+    positions int32[B, K], key validity bool[B, K]).
+
+    The layers see their rows (text; [visual; text] for llava / naavit) sorted by
+    sequence position, padding last, so that no row attends to a later row and the
+    decoder may skip the scores above the diagonal (attention.py). The keys, and so
+    the KV cache, are [visual (N*P); rows]: saisa's visual keys first, unsorted."""
     tokens, positions, text_mask = batch["tokens"], batch["positions"], batch["text_mask"]
     has_images = batch.get("images") is not None and batch["image_slots"].shape[1] > 0
     x = self.decoder.embed(tokens)
     q_visual = jnp.zeros(tokens.shape, bool)
     if not has_images:
+      order = _position_order(positions, text_mask)
+      x, positions, text_mask = _gather_rows(order, x, positions, text_mask)
       mask = attention_mask(positions, q_visual, positions, q_visual, text_mask,
                             self.cfg.alignment)
-      out = self.decoder(x, positions, mask_bias(mask), return_kv=return_kv)
+      out = self.decoder(x, positions, mask_bias(mask), return_kv=return_kv, causal_from=0)
       x, kv = out if return_kv else (out, None)
-      return x, kv, positions, text_mask
+      return _ungather_rows(order, x), kv, positions, text_mask
 
     feats, vis_pos, vis_valid = self.image_features(batch["images"], batch["image_slots"])
+    n_vis = vis_pos.shape[1]
+    if self.cfg.alignment == "saisa":
+      order = _position_order(positions, text_mask)
+      x, positions, text_mask = _gather_rows(order, x, positions, text_mask)
+      k_pos = jnp.concatenate([vis_pos, positions], axis=1)
+      k_valid = jnp.concatenate([vis_valid, text_mask], axis=1)
+      k_visual = jnp.concatenate([jnp.ones(vis_pos.shape, bool), q_visual], axis=1)
+      visual_kv = self.decoder.visual_kv(feats, vis_pos)
+      mask = attention_mask(positions, q_visual, k_pos, k_visual, k_valid, "saisa")
+      out = self.decoder(x, positions, mask_bias(mask), visual_kv, return_kv=return_kv,
+                         causal_from=n_vis)
+      x, kv = out if return_kv else (out, None)
+      return _ungather_rows(order, x), kv, k_pos, k_valid
+
+    # llava / naavit: the visual rows join the text rows, in sequence order.
+    x = jnp.concatenate([self.projector(feats).astype(x.dtype), x], axis=1)
     k_pos = jnp.concatenate([vis_pos, positions], axis=1)
     k_valid = jnp.concatenate([vis_valid, text_mask], axis=1)
     k_visual = jnp.concatenate([jnp.ones(vis_pos.shape, bool), q_visual], axis=1)
-    if self.cfg.alignment == "saisa":
-      visual_kv = self.decoder.visual_kv(feats, vis_pos)
-      mask = attention_mask(positions, q_visual, k_pos, k_visual, k_valid, "saisa")
-      out = self.decoder(x, positions, mask_bias(mask), visual_kv, return_kv=return_kv)
-      x, kv = out if return_kv else (out, None)
-      return x, kv, k_pos, k_valid
-
-    # llava / naavit: visual rows first, then text; order is free since RoPE and the
-    # mask read positions.
-    x = jnp.concatenate([self.projector(feats).astype(x.dtype), x], axis=1)
+    order = _position_order(k_pos, k_valid)
+    x, k_pos, k_valid, k_visual = _gather_rows(order, x, k_pos, k_valid, k_visual)
     mask = attention_mask(k_pos, k_visual, k_pos, k_visual, k_valid, self.cfg.alignment)
-    out = self.decoder(x, k_pos, mask_bias(mask), return_kv=return_kv)
+    out = self.decoder(x, k_pos, mask_bias(mask), return_kv=return_kv, causal_from=0)
     x, kv = out if return_kv else (out, None)
-    return x[:, vis_pos.shape[1]:], kv, k_pos, k_valid
+    return _ungather_rows(order, x)[:, n_vis:], kv, k_pos, k_valid
 
   def __call__(self, batch):
     return self.decoder.logits(self._forward(batch)[0])
@@ -100,8 +133,8 @@ class SaisaModel(nn.Module):
         "v": jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
         "pos": jnp.pad(k_pos, ((0, 0), (0, pad))),
         "valid": jnp.pad(k_valid, ((0, 0), (0, pad))),
-        # Row b's text fills slots [keys - L, keys - L + length_b): its next token goes
-        # right after, over padding that was never valid.
+        # Slot keys - L + length_b and all after it were never valid: row b's keys
+        # (visual first, then its rows sorted valid first) fill fewer slots.
         "write": keys - batch["tokens"].shape[1] + lengths,
         "next_pos": jnp.max(jnp.where(k_valid, k_pos, -1), axis=1).astype(jnp.int32) + 1,
     }
