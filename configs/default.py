@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       alignment=a.alignment, dtype="float32", remat="none",
       scan_unroll=2,  # unrolled: a scanned backward pass is ~2x slower on CPU
+      visual_pass="vmap",  # 2 layers: one batched visual pass is a little faster on CPU
       llm=presets.lookup(presets.LLMS, "tiny", "llm"),
       vision=presets.lookup(presets.TOWERS, "tiny", "tower")))
   c.model.llm.rope_scaling = ml_collections.FieldReference(None, field_type=dict)

@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config(arg=None):
   a = parse_arg(arg, llm="vicuna7b", tower="", alignment="saisa", dtype="bfloat16",
-                remat="full", visual_pass="vmap")
+                remat="full", visual_pass="scan")
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict(dict(
       alignment=a.alignment, dtype=a.dtype, remat=a.remat, scan_unroll=1,

@@ -16,9 +16,10 @@ VISION = VisionConfig(image_size=16, patch_size=8, hidden_size=24, intermediate_
                       num_layers=2, num_heads=2, select_layer=-1)
 
 
-def make(alignment, llm=LLM, block=3):
+def make(alignment, llm=LLM, block=3, visual_pass="scan"):
   # Query blocks of 3 rows: every property below also holds under causal block skipping.
-  cfg = ModelConfig(llm, VISION, alignment=alignment, attention_block=block)
+  cfg = ModelConfig(llm, VISION, alignment=alignment, attention_block=block,
+                    visual_pass=visual_pass)
   model, _ = build(cfg)
   batch = collate([pack_sample([[1, 2], _image(0), [3]], cfg.num_visual)], 8, 2, (16, 16))
   params = model.init(jax.random.key(0), batch)["params"]
@@ -118,7 +119,7 @@ def test_naavit_visual_tokens_are_independent(num_layers):
 def test_visual_pass_scan_equals_the_batched_vmap_pass(remat="full"):
   """model.visual_pass=scan (layer by layer) computes what the batched pass does:
   same parameter tree, logits and gradients (float32, 1e-5 relative)."""
-  model, cfg, params = make("saisa")
+  model, cfg, params = make("saisa", visual_pass="vmap")
   scan_model, _ = build(ModelConfig(LLM, VISION, alignment="saisa", visual_pass="scan",
                                     remat=remat))
   batch = collate([pack_sample([[1, 2], _image(0), [3, 4]], cfg.num_visual),
