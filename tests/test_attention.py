@@ -93,3 +93,15 @@ def test_causal_blocks_equal_the_unblocked_attention(prefix, tq, block):
   want = jax.grad(lambda *a: jnp.sum(attend(*a, bias) * cot), (0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_causal_blocks_in_bfloat16_stay_close_to_float32():
+  q, k, v, _ = _inputs(tq=10, tk=10)
+  mask = jnp.asarray(np.tril(np.ones((10, 10), bool))[None].repeat(2, 0))
+  f = lambda *a: jnp.sum(attend(*a, mask_bias(mask), causal_from=0, block=4) ** 2)
+  lo = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  np.testing.assert_allclose(attend(*lo, mask_bias(mask), causal_from=0, block=4).astype(jnp.float32),
+                             textbook(q, k, v, mask), atol=5e-2, rtol=0)
+  for g_lo, g_hi in zip(jax.grad(f, (0, 1, 2))(*lo), jax.grad(f, (0, 1, 2))(q, k, v)):
+    assert g_lo.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g_lo.astype(jnp.float32), g_hi, atol=0.1 * float(np.abs(g_hi).max()), rtol=0)
