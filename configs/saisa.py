@@ -17,6 +17,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       alignment=a.alignment, dtype=a.dtype, remat=a.remat, scan_unroll=1,
       visual_pass=a.visual_pass,
+      attention_block=128,  # causal block skipping (attention.py); 0: off
       llm=presets.lookup(presets.LLMS, a.llm, "llm"),
       vision=presets.lookup(presets.TOWERS, a.tower or presets.DEFAULT_TOWER[a.llm], "tower")))
   config.model.llm.rope_scaling = ml_collections.FieldReference(None, field_type=dict)
