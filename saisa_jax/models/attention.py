@@ -6,6 +6,7 @@ fuses into the softmax, where a boolean select over the broadcast head axes ran 
 slower on XLA:CPU. The default implementation works head-major ([B, Hkv, G*Q, D]) so
 both products are plain batched matmuls, and has a hand-written backward (the
 softmax VJP from the saved probabilities), 1.4-3x faster than autodiff on CPU.
+Unblocked attention is the one-block case of the blocked computation below.
 
 Causal block skipping: when the caller promises that the keys from `causal_from` on
 are in the queries' order (key causal_from + j is hidden from query i whenever j > i;
@@ -47,9 +48,10 @@ def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
     return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[:, None])
   if impl != "einsum":
     raise ValueError(f"model.attention={impl!r}; choose einsum or dot_product")
-  if causal_from is not None and block and bias is not None and q.shape[1] > block:
-    return _attend_blocks(q, k, v, bias, causal_from, block)
-  return _attend(q, k, v, bias)
+  tq, tk = q.shape[1], k.shape[1]
+  if causal_from is None or not block or bias is None:
+    causal_from, block = tk, tq  # one block that reads every key
+  return _attend(q, k, v, bias, causal_from, block)
 
 
 def _block_bounds(tq: int, tk: int, causal_from: int, block: int):
@@ -59,15 +61,20 @@ def _block_bounds(tq: int, tk: int, causal_from: int, block: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend_blocks(q, k, v, bias, causal_from: int, block: int):
-  """Query rows [s, e) attend to keys [0, causal_from + e): the later keys are hidden
-  from all of them by the causal promise. One head-major layout for all blocks (K/V
-  transposed once), and a backward that adds each block's key gradients into the
-  key prefix it read, so memory traffic shrinks with the work."""
-  return _attend_blocks_fwd(q, k, v, bias, causal_from, block)[0]
+def _attend(q, k, v, bias, causal_from: int, block: int):
+  """Query rows [s, e) attend to keys [0, causal_from + e) (later keys are hidden from
+  all of them by the causal promise; one block when nothing is skipped). One
+  head-major layout for all blocks (K/V transposed once); the backward adds each
+  block's key gradients into the key prefix it read, so memory traffic shrinks with
+  the work."""
+  return _attend_fwd(q, k, v, bias, causal_from, block)[0]
 
 
-def _attend_blocks_fwd(q, k, v, bias, causal_from, block):
+def _slice_bias(bias, s, e, end):
+  return None if bias is None else bias[:, s:e, :end]
+
+
+def _attend_fwd(q, k, v, bias, causal_from, block):
   b, tq, h, d = q.shape
   hkv = k.shape[2]
   g = h // hkv
@@ -75,16 +82,18 @@ def _attend_blocks_fwd(q, k, v, bias, causal_from, block):
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, Hkv, K, D]
   outs, probs = [], []
   for s, e, end in _block_bounds(tq, k.shape[1], causal_from, block):
-    qb = qg[:, :, :, s:e].reshape(b, hkv, g * (e - s), d)
-    p = _probs(qb, kh[:, :, :end], bias[:, s:e, :end], e - s)
+    qb = qg[:, :, :, s:e].reshape(b, hkv, g * (e - s), d)              # [B, Hkv, G*n, D]
+    p = _probs(qb, kh[:, :, :end], _slice_bias(bias, s, e, end), e - s)
     outs.append(jnp.matmul(p.astype(v.dtype), vh[:, :, :end]).reshape(b, hkv, g, e - s, d))
     probs.append(p)
-  og = jnp.concatenate(outs, axis=3)
+  og = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
   out = og.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)
   return out, (qg, kh, vh, og, tuple(probs), bias)
 
 
-def _attend_blocks_bwd(causal_from, block, res, do):
+def _attend_bwd(causal_from, block, res, do):
+  """Softmax attention VJP per block: dS = P * (dO.V^T - rowsum(dO * O)); no gradient
+  to the bias (it is a function of integer positions)."""
   qg, kh, vh, og, probs, bias = res
   b, hkv, g, tq, d = qg.shape
   f32 = jnp.float32
@@ -103,71 +112,25 @@ def _attend_blocks_bwd(causal_from, block, res, do):
           ).astype(qg.dtype)
     dqs.append(jnp.matmul(ds, kh[:, :, :end]).reshape(b, hkv, g, n, d))
     dk = dk.at[:, :, :end].add(jnp.matmul(ds.swapaxes(-1, -2), qb, preferred_element_type=f32))
-  dq = jnp.concatenate(dqs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, tq, hkv * g, d)
+  dq = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
+  dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, tq, hkv * g, d)
   return (dq.astype(qg.dtype), dk.transpose(0, 2, 1, 3).astype(kh.dtype),
-          dv.transpose(0, 2, 1, 3).astype(vh.dtype), jnp.zeros_like(bias))
+          dv.transpose(0, 2, 1, 3).astype(vh.dtype),
+          None if bias is None else jnp.zeros_like(bias))
 
 
-_attend_blocks.defvjp(_attend_blocks_fwd, _attend_blocks_bwd)
-
-
-def _group_heads(x, hkv: int):
-  """[B, Q, H, D] -> [B, Hkv, G*Q, D]: the G query heads of each KV head stacked."""
-  b, tq, h, d = x.shape
-  return x.reshape(b, tq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
-
-
-def _to_heads(q, k, v):
-  """-> q [B, Hkv, G*Q, D], k/v [B, Hkv, K, D]."""
-  return _group_heads(q, k.shape[2]), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-
-def _from_heads(o, tq: int):
-  """[B, Hkv, G*Q, D] -> [B, Q, Hkv*G, D]."""
-  b, hkv, gq, d = o.shape
-  g = gq // tq
-  return o.reshape(b, hkv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, hkv * g, d)
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _probs(qh, kh, bias, tq: int):
-  """float32[B, Hkv, G*Q, K] softmax probabilities."""
+  """qh [B, Hkv, G*Q, D], kh [B, Hkv, K, D], bias float32[B, Q, K] or None ->
+  float32[B, Hkv, G*Q, K] softmax probabilities."""
   b, hkv, gq, d = qh.shape
   s = jnp.matmul(qh, kh.swapaxes(-1, -2), preferred_element_type=jnp.float32) * (d ** -0.5)
   if bias is not None:
     s = (s.reshape(b, hkv, gq // tq, tq, -1) + bias[:, None, None]).reshape(b, hkv, gq, -1)
   p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
   return p / jnp.sum(p, axis=-1, keepdims=True)
-
-
-@jax.custom_vjp
-def _attend(q, k, v, bias):
-  return _attend_fwd(q, k, v, bias)[0]
-
-
-def _attend_fwd(q, k, v, bias):
-  qh, kh, vh = _to_heads(q, k, v)
-  p = _probs(qh, kh, bias, q.shape[1])
-  oh = jnp.matmul(p.astype(v.dtype), vh)
-  return _from_heads(oh, q.shape[1]), (qh, kh, vh, p, oh, bias)
-
-
-def _attend_bwd(res, do):
-  """Softmax attention VJP: dS = P * (dO.V^T - rowsum(dO * O)); no gradient to the bias
-  (it is a function of integer positions)."""
-  qh, kh, vh, p, oh, bias = res
-  tq, d = do.shape[1], do.shape[-1]
-  doh = _group_heads(do, kh.shape[1])
-  dv = jnp.matmul(p.swapaxes(-1, -2).astype(doh.dtype), doh)
-  dp = jnp.matmul(doh, vh.swapaxes(-1, -2), preferred_element_type=jnp.float32)
-  delta = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)
-  ds = (p * (dp - delta) * (d ** -0.5)).astype(qh.dtype)
-  dq = _from_heads(jnp.matmul(ds, kh), tq)
-  dk = jnp.matmul(ds.swapaxes(-1, -2), qh)
-  return (dq, dk.transpose(0, 2, 1, 3).astype(kh.dtype), dv.transpose(0, 2, 1, 3).astype(vh.dtype),
-          None if bias is None else jnp.zeros_like(bias))
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def attend_cached(q, k_cache, v_cache, bias, k_new, v_new):
