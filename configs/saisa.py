@@ -3,7 +3,8 @@
   --config configs/saisa.py:llm=vicuna7b,alignment=llava
 Arguments: llm (tiny | smollm2_135m | vicuna7b | llama3_8b), tower (default: the
 LLM's), alignment (saisa | llava | naavit), dtype (float32 | bfloat16), remat,
-visual_pass (vmap | scan).
+visual_pass (scan | vmap). Causal block skipping: --config.model.attention_block=N
+query rows per block (default 128; 0 turns it off).
 """
 from saisa_jax import presets
 from saisa_jax.config_args import parse_arg
