@@ -74,6 +74,12 @@ def _slice_bias(bias, s, e, end):
   return None if bias is None else bias[:, s:e, :end]
 
 
+def _block_rows(xg, s, e):
+  """[B, Hkv, G, Q, D] -> rows [s, e) of every head as [B, Hkv, G*(e-s), D]."""
+  b, hkv, g, _, d = xg.shape
+  return xg[:, :, :, s:e].reshape(b, hkv, g * (e - s), d)
+
+
 def _attend_fwd(q, k, v, bias, causal_from, block):
   b, tq, h, d = q.shape
   hkv = k.shape[2]
@@ -82,7 +88,7 @@ def _attend_fwd(q, k, v, bias, causal_from, block):
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, Hkv, K, D]
   outs, probs = [], []
   for s, e, end in _block_bounds(tq, k.shape[1], causal_from, block):
-    qb = qg[:, :, :, s:e].reshape(b, hkv, g * (e - s), d)              # [B, Hkv, G*n, D]
+    qb = _block_rows(qg, s, e)                                          # [B, Hkv, G*n, D]
     p = _probs(qb, kh[:, :, :end], _slice_bias(bias, s, e, end), e - s)
     outs.append(jnp.matmul(p.astype(v.dtype), vh[:, :, :end]).reshape(b, hkv, g, e - s, d))
     probs.append(p)
@@ -102,15 +108,12 @@ def _attend_bwd(causal_from, block, res, do):
   dk, dv = jnp.zeros(kh.shape, f32), jnp.zeros(vh.shape, f32)
   dqs = []
   for (s, e, end), p in zip(_block_bounds(tq, kh.shape[2], causal_from, block), probs):
-    n = e - s
-    dob = dog[:, :, :, s:e].reshape(b, hkv, g * n, d)
-    qb = qg[:, :, :, s:e].reshape(b, hkv, g * n, d)
+    dob, qb = _block_rows(dog, s, e), _block_rows(qg, s, e)
     dv = dv.at[:, :, :end].add(jnp.matmul(p.swapaxes(-1, -2).astype(dob.dtype), dob,
                                           preferred_element_type=f32))
     dp = jnp.matmul(dob, vh[:, :, :end].swapaxes(-1, -2), preferred_element_type=f32)
-    ds = (p * (dp - delta[:, :, :, s:e].reshape(b, hkv, g * n, 1)) * (d ** -0.5)
-          ).astype(qg.dtype)
-    dqs.append(jnp.matmul(ds, kh[:, :, :end]).reshape(b, hkv, g, n, d))
+    ds = (p * (dp - _block_rows(delta, s, e)) * (d ** -0.5)).astype(qg.dtype)
+    dqs.append(jnp.matmul(ds, kh[:, :, :end]).reshape(b, hkv, g, e - s, d))
     dk = dk.at[:, :, :end].add(jnp.matmul(ds.swapaxes(-1, -2), qb, preferred_element_type=f32))
   dq = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
   dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, tq, hkv * g, d)

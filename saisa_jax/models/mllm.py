@@ -41,6 +41,15 @@ def _ungather_rows(order, x):
   return _gather_rows(jnp.argsort(order, axis=1), x)[0]
 
 
+def _visual_then_text(vis_pos, vis_valid, positions, text_mask):
+  """-> positions int32[B, V + L], validity and is-visual bool[B, V + L] of the rows
+  [visual; text]."""
+  return (jnp.concatenate([vis_pos, positions], axis=1),
+          jnp.concatenate([vis_valid, text_mask], axis=1),
+          jnp.concatenate([jnp.ones(vis_pos.shape, bool), jnp.zeros(positions.shape, bool)],
+                          axis=1))
+
+
 class SaisaModel(nn.Module):
   cfg: ModelConfig
 
@@ -88,9 +97,7 @@ class SaisaModel(nn.Module):
     if self.cfg.alignment == "saisa":
       order = _position_order(positions, text_mask)
       x, positions, text_mask = _gather_rows(order, x, positions, text_mask)
-      k_pos = jnp.concatenate([vis_pos, positions], axis=1)
-      k_valid = jnp.concatenate([vis_valid, text_mask], axis=1)
-      k_visual = jnp.concatenate([jnp.ones(vis_pos.shape, bool), q_visual], axis=1)
+      k_pos, k_valid, k_visual = _visual_then_text(vis_pos, vis_valid, positions, text_mask)
       visual_kv = self.decoder.visual_kv(feats, vis_pos)
       mask = attention_mask(positions, q_visual, k_pos, k_visual, k_valid, "saisa")
       out = self.decoder(x, positions, mask_bias(mask), visual_kv, return_kv=return_kv,
@@ -100,9 +107,7 @@ class SaisaModel(nn.Module):
 
     # llava / naavit: the visual rows join the text rows, in sequence order.
     x = jnp.concatenate([self.projector(feats).astype(x.dtype), x], axis=1)
-    k_pos = jnp.concatenate([vis_pos, positions], axis=1)
-    k_valid = jnp.concatenate([vis_valid, text_mask], axis=1)
-    k_visual = jnp.concatenate([jnp.ones(vis_pos.shape, bool), q_visual], axis=1)
+    k_pos, k_valid, k_visual = _visual_then_text(vis_pos, vis_valid, positions, text_mask)
     order = _position_order(k_pos, k_valid)
     x, k_pos, k_valid, k_visual = _gather_rows(order, x, k_pos, k_valid, k_visual)
     mask = attention_mask(k_pos, k_visual, k_pos, k_visual, k_valid, self.cfg.alignment)
