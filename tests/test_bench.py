@@ -2,8 +2,11 @@
 of the README come from full runs of the tool): every model and operation is timed,
 XLA FLOPs are counted, the files are written and the summary lines end the output."""
 import json
+import os
 import subprocess
 import sys
+
+from saisa_jax import hugepages
 
 
 def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
@@ -14,6 +17,10 @@ def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "bench.json").read_text())
   res = report["results"]["default"]
+  # The stage-2 recipe's train step; the process restarted itself with THP malloc.
+  assert report["meta"]["trainable"] == "^(decoder|projector)"
+  if hugepages.wanted(os.environ):
+    assert "glibc.malloc.hugetlb=1" in report["meta"]["glibc_tunables"]
   assert set(res) == {"saisa", "naavit", "llava"}
   for name, ops in res.items():
     for op in ("forward", "train_step", "prefill", "decode"):

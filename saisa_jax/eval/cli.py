@@ -19,6 +19,7 @@ import ml_collections
 
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.train import checkpoint as ckpt_lib
+from saisa_jax import hugepages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config with eval sets.",
                                           lock_config=True)
@@ -37,6 +38,7 @@ def eval_config(config, model_config) -> ml_collections.ConfigDict:
 
 
 def main(argv=None):
+  hugepages.reexec(argv)  # first: restarts the process with THP malloc (hugepages.py)
   app.run(_main, argv=argv)
 
 

@@ -9,7 +9,11 @@ LLaVA-1.5's 576 visual tokens (336 px, patch 14): the regime SAISA is built for;
 --repeats calls after warm-up (spread = 25th..75th percentile) of the programs as
 configured for training and serving (layers under nn.scan); FLOPs are XLA's count of
 the same function compiled with every scan unrolled (XLA counts a loop body once);
-memory is XLA's arguments + temporaries of the timed program. Writes bench.json, bench.md and bench.png, and ends with
+memory is XLA's arguments + temporaries of the timed program. The train step is the
+stage-2 recipe's (LLM + projector(s) trained, CLIP tower frozen; --train_tower trains it
+too), in both stacks. Like the other entry points it restarts itself with glibc's
+hugetlb malloc (saisa_jax/hugepages.py), which the PyTorch peer in the same process
+shares. Writes bench.json, bench.md and bench.png, and ends with
 
   prefill saisa/llava: R          (the largest over the presets)
   train step saisa/llava: R       (the largest over the presets)
@@ -33,6 +37,7 @@ from saisa_jax import presets
 from saisa_jax.models.build import build
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.step import make_train_step
+from saisa_jax import hugepages
 
 _PRESETS = flags.DEFINE_list("presets", ["tiny", "smollm2"], "Bench presets.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
@@ -41,6 +46,12 @@ _DECODE = flags.DEFINE_integer("decode_steps", 16, "Decode steps timed.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per measurement.")
 _OUT = flags.DEFINE_string("out", "runs/bench", "Output folder.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time HF PyTorch Llava.")
+_TRAIN_TOWER = flags.DEFINE_bool(
+    "train_tower", False, "Train step also trains the CLIP tower. Off: the stage-2 recipe "
+    "of SAISA and LLaVA-1.5 (LLM + projector(s) trained, tower frozen), in both stacks.")
+
+# Parameters the train step updates (optim.trainable), as configs/saisa_train.py stage 2.
+STAGE2_TRAINABLE = "^(decoder|projector)"
 
 # 576 visual tokens like CLIP ViT-L/14-336, at a width a CPU can run.
 BENCH_TOWER = dict(image_size=336, patch_size=14, hidden_size=64, intermediate_size=256,
@@ -110,7 +121,7 @@ def compiled_stats(jitted, counted, *args) -> dict:
 
 
 def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: int,
-              repeats: int) -> dict:
+              repeats: int, train_tower: bool = False) -> dict:
   model, cfg = build(model_config(preset, alignment))
   counted, _ = build(model_config(preset, alignment, unrolled=True))
   data = {k: jnp.asarray(v) for k, v in bench_batch(cfg, batch, text).items()}
@@ -127,7 +138,8 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
 
   optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_steps=10, warmup_ratio=None, final_lr_frac=0.1, b1=0.9, b2=0.98,
-      eps=1e-8, weight_decay=0.0, clip_norm=1.0, trainable=".*", total_steps=1000))
+      eps=1e-8, weight_decay=0.0, clip_norm=1.0, total_steps=1000,
+      trainable=".*" if train_tower else STAGE2_TRAINABLE))
   tx, lr_fn, trainable = make_optimizer(optim, params)
   step = jax.jit(make_train_step(model, tx, lr_fn, trainable), donate_argnums=0)
   step_u = jax.jit(make_train_step(counted, tx, lr_fn, trainable), donate_argnums=0)
@@ -176,7 +188,8 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   return out
 
 
-def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: int) -> dict:
+def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: int,
+                train_tower: bool = False) -> dict:
   """HF LlavaForConditionalGeneration on the same shapes (what a user would pick)."""
   import torch
   import transformers
@@ -233,13 +246,16 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
                      "p75": run["p75"] / decode_steps,
                      "tokens_per_s": batch * decode_steps / (run["ms"] / 1000)}
   model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  if not train_tower:  # stage 2: the CLIP tower is frozen (no grads, not in the optimizer)
+    model.model.vision_tower.requires_grad_(False)
+  trained = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(trained, lr=1e-4)
 
   def train_step():
     opt.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
     opt.step()
     return loss.detach()
   out["train_step"] = timed(train_step, repeats)
@@ -285,6 +301,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv=None):
+  hugepages.reexec(argv)  # first: restarts the process with THP malloc (hugepages.py)
   app.run(_main, argv=argv)
 
 
@@ -300,13 +317,17 @@ def _main(argv):
     for alignment in ALIGNMENTS:
       print(f"[bench] {preset} {alignment}", flush=True)
       results[preset][alignment] = bench_jax(preset, alignment, _BATCH.value, _TEXT.value,
-                                             _DECODE.value, _REPEATS.value)
+                                             _DECODE.value, _REPEATS.value,
+                                             _TRAIN_TOWER.value)
     if _TORCH.value:
       print(f"[bench] {preset} hf_llava (PyTorch)", flush=True)
       results[preset]["hf_llava"] = bench_torch(preset, _BATCH.value, _TEXT.value,
-                                                _DECODE.value, _REPEATS.value)
+                                                _DECODE.value, _REPEATS.value,
+                                                _TRAIN_TOWER.value)
   meta = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
           "batch": _BATCH.value, "text": _TEXT.value,
+          "trainable": ".*" if _TRAIN_TOWER.value else STAGE2_TRAINABLE,
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "visual": {p: (PRESETS[p][1]["image_size"] // PRESETS[p][1]["patch_size"]) ** 2
                      for p in results}}
   with open(os.path.join(_OUT.value, "bench.json"), "w") as f:

@@ -21,6 +21,7 @@ from saisa_jax.eval.generate import Generator, SamplingConfig
 from saisa_jax.batch import collate, pack_sample
 from saisa_jax.models.build import build
 from saisa_jax.train import checkpoint as ckpt_lib
+from saisa_jax import hugepages
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model dir or training workdir.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file(s); repeat for several.")
@@ -80,6 +81,7 @@ class Chat:
 
 
 def main(argv=None):
+  hugepages.reexec(argv)  # first: restarts the process with THP malloc (hugepages.py)
   app.run(_main, argv=argv)
 
 

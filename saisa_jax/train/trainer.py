@@ -37,6 +37,7 @@ from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.stages import stage_config, stage_names
 from saisa_jax.train.state import abstract_params, init_state, state_shardings
 from saisa_jax.train.step import TRAIN_KEYS, make_train_step
+from saisa_jax import hugepages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and models go.")
@@ -181,6 +182,7 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
 
 
 def main(argv=None):
+  hugepages.reexec(argv)  # first: restarts the process with THP malloc (hugepages.py)
   app.run(_main, argv=argv)
 
 
