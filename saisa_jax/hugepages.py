@@ -1,4 +1,4 @@
-"""Transparent huge pages for host buffers (XLA:CPU, and PyTorch in saisa-bench).
+"""Transparent huge pages for XLA:CPU's host buffers.
 
 Why: XLA:CPU gives each execution its temporaries as one block (124 MB for the tiny
 bench llava train step, GBs at smollm2 shapes). glibc serves a block that large from a
@@ -27,7 +27,7 @@ _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 def _glibc_version() -> tuple[int, int] | None:
   try:
-    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+    _, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
     major, minor = version.split(".")[:2]
     return int(major), int(minor)
   except (AttributeError, ValueError, OSError):
@@ -55,6 +55,12 @@ def wanted(environ=None) -> bool:
 def tunables_with_hugepages(current: str | None) -> str:
   """GLIBC_TUNABLES with hugetlb=1 added to whatever the user already set."""
   return ":".join(filter(None, [current, f"{TUNABLE}=1"]))
+
+
+def tunables_without_hugepages(current: str | None) -> str | None:
+  """GLIBC_TUNABLES minus the hugetlb setting (None when nothing else is left)."""
+  kept = [t for t in (current or "").split(":") if t and not t.startswith(TUNABLE + "=")]
+  return ":".join(kept) or None
 
 
 def reexec(argv=None) -> None:

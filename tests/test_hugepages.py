@@ -13,8 +13,12 @@ _CHILD = ("import os, sys; from saisa_jax import hugepages; hugepages.reexec(); 
 
 def test_tunables_keep_what_the_user_set():
   assert hugepages.tunables_with_hugepages(None) == "glibc.malloc.hugetlb=1"
-  assert (hugepages.tunables_with_hugepages("glibc.malloc.arena_max=2")
-          == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  both = hugepages.tunables_with_hugepages("glibc.malloc.arena_max=2")
+  assert both == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  # The bench's PyTorch peer gets the user's tunables back, without ours.
+  assert hugepages.tunables_without_hugepages(both) == "glibc.malloc.arena_max=2"
+  assert hugepages.tunables_without_hugepages("glibc.malloc.hugetlb=1") is None
+  assert hugepages.tunables_without_hugepages(None) is None
 
 
 def test_opt_out_and_already_set_are_respected():

@@ -17,9 +17,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 import ml_collections
 
+from saisa_jax import hugepages
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.train import checkpoint as ckpt_lib
-from saisa_jax import hugepages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config with eval sets.",
                                           lock_config=True)

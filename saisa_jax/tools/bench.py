@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from saisa_jax import hugepages
 from saisa_jax import presets
 from saisa_jax.models.build import build
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.step import make_train_step
-from saisa_jax import hugepages
 
 _PRESETS = flags.DEFINE_list("presets", ["tiny", "smollm2"], "Bench presets.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
@@ -56,6 +56,10 @@ _TRAIN_TOWER = flags.DEFINE_bool(
 
 # Parameters the train step updates (optim.trainable), as configs/saisa_train.py stage 2.
 STAGE2_TRAINABLE = "^(decoder|projector)"
+
+
+def trainable_pattern(train_tower: bool) -> str:
+  return ".*" if train_tower else STAGE2_TRAINABLE
 
 # 576 visual tokens like CLIP ViT-L/14-336, at a width a CPU can run.
 BENCH_TOWER = dict(image_size=336, patch_size=14, hidden_size=64, intermediate_size=256,
@@ -143,7 +147,7 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_steps=10, warmup_ratio=None, final_lr_frac=0.1, b1=0.9, b2=0.98,
       eps=1e-8, weight_decay=0.0, clip_norm=1.0, total_steps=1000,
-      trainable=".*" if train_tower else STAGE2_TRAINABLE))
+      trainable=trainable_pattern(train_tower)))
   tx, lr_fn, trainable = make_optimizer(optim, params)
   step = jax.jit(make_train_step(model, tx, lr_fn, trainable), donate_argnums=0)
   step_u = jax.jit(make_train_step(counted, tx, lr_fn, trainable), donate_argnums=0)
@@ -272,12 +276,9 @@ def bench_torch_process(preset: str, batch: int, text: int, decode_steps: int, r
   hugetlb tunable that speeds up XLA:CPU made the HF train step ~19% slower here
   (5.27 -> 6.27 s at smollm2), and the JAX runtime's threads stay out of its way."""
   env = dict(os.environ, SAISA_HUGEPAGES="0")
-  kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
-          if t and not t.startswith(hugepages.TUNABLE + "=")]
-  if kept:
-    env["GLIBC_TUNABLES"] = ":".join(kept)
-  else:
-    env.pop("GLIBC_TUNABLES", None)
+  tunables = hugepages.tunables_without_hugepages(env.pop("GLIBC_TUNABLES", None))
+  if tunables:
+    env["GLIBC_TUNABLES"] = tunables
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "torch.json")
     code = ("import json, sys; from saisa_jax.tools.bench import bench_torch; "
@@ -355,7 +356,7 @@ def _main(argv):
                                                         _TRAIN_TOWER.value)
   meta = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
           "batch": _BATCH.value, "text": _TEXT.value,
-          "trainable": ".*" if _TRAIN_TOWER.value else STAGE2_TRAINABLE,
+          "trainable": trainable_pattern(_TRAIN_TOWER.value),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "visual": {p: (PRESETS[p][1]["image_size"] // PRESETS[p][1]["patch_size"]) ** 2
                      for p in results}}

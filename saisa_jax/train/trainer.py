@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saisa_jax import hugepages
 from saisa_jax.data.pipeline import make_iterator
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
@@ -37,7 +38,6 @@ from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.stages import stage_config, stage_names
 from saisa_jax.train.state import abstract_params, init_state, state_shardings
 from saisa_jax.train.step import TRAIN_KEYS, make_train_step
-from saisa_jax import hugepages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and models go.")
