@@ -1,12 +1,12 @@
 """Transparent huge pages for XLA:CPU's host buffers.
 
-Why: XLA:CPU gives each execution its temporaries as one block (124 MB for the tiny
+Why: XLA:CPU gives each execution its temporaries as one block (124 MiB for the tiny
 bench llava train step, GBs at smollm2 shapes). glibc serves a block that large from a
 fresh mmap and unmaps it when the call ends, so every call faults in each 4 KiB page it
 touches: 31.7k page faults per tiny llava train step. glibc's `hugetlb` tunable makes
 malloc advise the kernel to back such blocks with 2 MiB pages (512x fewer faults).
-Measured on the 2-core CPU (README, "FLOPs and performance"): train step 8-15% faster,
-prefill about 5%.
+Measured on the 2-core CPU (README, "FLOPs and performance"): train step 8-16% faster,
+prefill 1-9%.
 
 glibc reads tunables only when a process starts, so the command-line entry points call
 `reexec()` first: when it would help and is not yet set, the process replaces itself
