@@ -275,7 +275,7 @@ def bench_torch_process(preset: str, batch: int, text: int, decode_steps: int, r
   """bench_torch in its own process, with the malloc settings a PyTorch user has: the
   hugetlb tunable that speeds up XLA:CPU made the HF train step ~19% slower here
   (5.27 -> 6.27 s at smollm2), and the JAX runtime's threads stay out of its way."""
-  env = dict(os.environ, SAISA_HUGEPAGES="0")
+  env = dict(os.environ)  # the child runs bench_torch directly: no entry point, no re-exec
   tunables = hugepages.tunables_without_hugepages(env.pop("GLIBC_TUNABLES", None))
   if tunables:
     env["GLIBC_TUNABLES"] = tunables
