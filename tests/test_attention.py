@@ -69,7 +69,9 @@ def test_decode_over_cache_plus_own_key_equals_attention_over_both():
   rng = np.random.default_rng(2)
   k_new = jnp.asarray(rng.normal(size=(2, 1, 2, 8)), jnp.float32)
   v_new = jnp.asarray(rng.normal(size=(2, 1, 2, 8)), jnp.float32)
-  got = attend_cached(q, k, v, mask_bias(mask), k_new, v_new)
+  # The cache's layouts: keys [B, Hkv, D, S], values [B, Hkv, S, D].
+  got = attend_cached(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask_bias(mask),
+                      k_new, v_new)
   full_mask = jnp.concatenate([mask, jnp.ones((2, 1, 1), bool)], axis=2)
   want = textbook(q, jnp.concatenate([k, k_new], 1), jnp.concatenate([v, v_new], 1), full_mask)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

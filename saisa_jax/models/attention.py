@@ -139,21 +139,23 @@ def _probs(qh, kh, bias, tq: int):
 def attend_cached(q, k_cache, v_cache, bias, k_new, v_new):
   """One decode step: attention over a KV cache plus the query's own new key.
 
-  q float[B, 1, H, D]; k_cache/v_cache float[B, S, Hkv, D] (read only: never copied
-  or concatenated, so a step reads the cache once); bias float32[B, 1, S] over the
-  cache slots; k_new/v_new float[B, 1, Hkv, D], the query token's own key/value
-  (always visible to itself). -> float[B, 1, H, D]. Equals `attend` over [cache; new].
+  q float[B, 1, H, D]; k_cache float[B, Hkv, D, S] (keys stored transposed) and
+  v_cache float[B, Hkv, S, D]: in these layouts both products are plain batched
+  matmuls over the cache as stored (read only: never copied, transposed or
+  concatenated, so a step reads the cache once); bias float32[B, 1, S] over the cache
+  slots; k_new/v_new float[B, 1, Hkv, D], the query token's own key/value (always
+  visible to itself). -> float[B, 1, H, D]. Equals `attend` over [cache; new].
   """
   b, tq, h, d = q.shape
-  hkv = k_cache.shape[2]
-  q = q.reshape(b, tq, hkv, h // hkv, d)
+  hkv = k_cache.shape[1]
   dt = q.dtype
   scale = d ** -0.5
-  cached = jnp.einsum("bqhgd,bkhd->bhgqk", q, k_cache.astype(dt),
+  qh = q.reshape(b, tq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, 1, D]
+  cached = jnp.matmul(qh, k_cache[:, :, None].astype(dt),
                       preferred_element_type=jnp.float32) * scale + bias[:, None, None]
-  own = jnp.einsum("bqhgd,bqhd->bhgq", q, k_new.astype(dt),
+  own = jnp.einsum("bhgqd,bqhd->bhgq", qh, k_new.astype(dt),
                    preferred_element_type=jnp.float32)[..., None] * scale
   probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs[..., :-1].astype(dt), v_cache.astype(dt))
-  out = out + jnp.einsum("bhgq,bqhd->bqhgd", probs[..., -1].astype(dt), v_new.astype(dt))
-  return out.reshape(b, tq, h, d)
+  out = jnp.matmul(probs[..., :-1].astype(dt), v_cache[:, :, None].astype(dt))
+  out = out + probs[..., -1:].astype(dt) * v_new.astype(dt).transpose(0, 2, 1, 3)[:, :, None]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)

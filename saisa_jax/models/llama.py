@@ -52,7 +52,8 @@ class DecoderLayer(nn.Module):
 
     extra_kv (k, v) float[B, S, Hkv, hd] are keys before this call's own: SAISA's
     visual K/V (then K = S + T and the returned k, v are all K keys: this layer's
-    KV-cache content), or, when `decode`, a KV cache read in place (T = 1, bias
+    KV-cache content), or, when `decode`, a KV cache read in place (k float[B, Hkv,
+    hd, S], v float[B, Hkv, S, hd] as attention.attend_cached takes them; T = 1, bias
     covers the S cache slots, the token always sees itself) and the returned k, v
     are the new token's only, [B, 1, Hkv, hd], for the caller to write into the cache.
     """
@@ -129,8 +130,9 @@ class Decoder(nn.Module):
   def __call__(self, x, positions, bias, extra_kv: Optional[tuple] = None,
                return_kv: bool = False, decode: bool = False,
                causal_from: Optional[int] = None):
-    """Runs all layers. x float[B, T, d]; bias float32[B, T, K]; extra_kv: stacked [layers, B, S, Hkv, hd]
-    (SAISA's visual K/V from `visual_kv`, or a KV cache when `decode`). Returns x, or
+    """Runs all layers. x float[B, T, d]; bias float32[B, T, K]; extra_kv: stacked
+    [layers, B, S, Hkv, hd] (SAISA's visual K/V from `visual_kv`), or when `decode`
+    a KV cache in SaisaModel.prefill's layout. Returns x, or
     (x, kv) with kv the stacked keys/values every layer attended to (the KV cache), or
     when decoding only the new token's [layers, B, 1, Hkv, hd]. causal_from: the
     caller's promise that the keys from this index on ([extra; x] order) are sorted as

@@ -121,8 +121,12 @@ class SaisaModel(nn.Module):
   def prefill(self, batch, cache_size: int):
     """Runs the prompt; returns (logits float32[B, vocab] of each row's last text token,
     cache). The cache holds every layer's keys/values in the forward's key order
-    [visual; text], padded to `cache_size` slots:
-      k, v   float[layers, B, S, Hkv, hd]   pos int32[B, S]   valid bool[B, S]
+    [visual; text], padded to `cache_size` slots S:
+      k      float[layers, B, Hkv, hd, S]  keys transposed, and
+      v      float[layers, B, Hkv, S, hd]  values head-major: the layouts in which a
+             decode step's two attention products read the cache without copying it
+             (attention.attend_cached)
+      pos    int32[B, S]  valid bool[B, S]
       write  int32[B]  next free slot      next_pos int32[B]  next sequence position
     In saisa mode the visual slots come from the batched visual pass; decode steps
     then cost text only."""
@@ -134,8 +138,8 @@ class SaisaModel(nn.Module):
     lengths = batch["text_mask"].sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
     cache = {
-        "k": jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
-        "v": jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+        "k": jnp.pad(k.transpose(0, 1, 3, 4, 2), ((0, 0),) * 4 + ((0, pad),)),
+        "v": jnp.pad(v.transpose(0, 1, 3, 2, 4), ((0, 0),) * 3 + ((0, pad), (0, 0))),
         "pos": jnp.pad(k_pos, ((0, 0), (0, pad))),
         "valid": jnp.pad(k_valid, ((0, 0), (0, pad))),
         # Slot keys - L + length_b and all after it were never valid: row b's keys
@@ -159,8 +163,10 @@ class SaisaModel(nn.Module):
     x = self.decoder.embed(tokens[:, None])
     x, (k, v) = self.decoder(x, pos[:, None], mask_bias(mask), (cache["k"], cache["v"]),
                              return_kv=True, decode=True)
-    cache = {"k": cache["k"].at[:, rows, write].set(k[:, :, 0].astype(cache["k"].dtype)),
-             "v": cache["v"].at[:, rows, write].set(v[:, :, 0].astype(cache["v"].dtype)),
+    # k, v [layers, B, 1, Hkv, hd]; the indexed slots are [B, layers, Hkv, hd].
+    new_k, new_v = (jnp.moveaxis(a[:, :, 0], 1, 0) for a in (k, v))
+    cache = {"k": cache["k"].at[:, rows, :, :, write].set(new_k.astype(cache["k"].dtype)),
+             "v": cache["v"].at[:, rows, :, write].set(new_v.astype(cache["v"].dtype)),
              "pos": cache["pos"].at[rows, write].set(pos),
              "valid": cache["valid"].at[rows, write].set(True),
              "write": write + 1, "next_pos": pos + 1}
