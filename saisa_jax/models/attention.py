@@ -99,26 +99,31 @@ def _attend_fwd(q, k, v, bias, causal_from, block):
 
 def _attend_bwd(causal_from, block, res, do):
   """Softmax attention VJP per block: dS = P * (dO.V^T - rowsum(dO * O)); no gradient
-  to the bias (it is a function of integer positions)."""
+  to the bias (it is a function of integer positions). The key and value gradients
+  are accumulated transposed ([B, Hkv, D, K]): dK^T = Q^T.dS and dV^T = dO^T.P contract
+  the probabilities over their rows as a plain matmul's right operand, where dS^T.Q
+  made XLA:CPU fall back to a strided batched dot (~10x slower at these shapes)."""
   qg, kh, vh, og, probs, bias = res
   b, hkv, g, tq, d = qg.shape
   f32 = jnp.float32
   dog = do.reshape(b, tq, hkv, g, d).transpose(0, 2, 3, 1, 4)
   delta = jnp.sum(dog.astype(f32) * og.astype(f32), axis=-1, keepdims=True)
-  dk, dv = jnp.zeros(kh.shape, f32), jnp.zeros(vh.shape, f32)
+  tk = kh.shape[2]
+  dkt, dvt = jnp.zeros((b, hkv, d, tk), f32), jnp.zeros((b, hkv, d, tk), f32)
+  vt = vh.swapaxes(-1, -2)                                           # [B, Hkv, D, K]
   dqs = []
-  for (s, e, end), p in zip(_block_bounds(tq, kh.shape[2], causal_from, block), probs):
+  for (s, e, end), p in zip(_block_bounds(tq, tk, causal_from, block), probs):
     dob, qb = _block_rows(dog, s, e), _block_rows(qg, s, e)
-    dv = dv.at[:, :, :end].add(jnp.matmul(p.swapaxes(-1, -2).astype(dob.dtype), dob,
-                                          preferred_element_type=f32))
-    dp = jnp.matmul(dob, vh[:, :, :end].swapaxes(-1, -2), preferred_element_type=f32)
+    dvt = dvt.at[..., :end].add(jnp.matmul(dob.swapaxes(-1, -2), p.astype(dob.dtype),
+                                           preferred_element_type=f32))
+    dp = jnp.matmul(dob, vt[..., :end], preferred_element_type=f32)
     ds = (p * (dp - _block_rows(delta, s, e)) * (d ** -0.5)).astype(qg.dtype)
     dqs.append(jnp.matmul(ds, kh[:, :, :end]).reshape(b, hkv, g, e - s, d))
-    dk = dk.at[:, :, :end].add(jnp.matmul(ds.swapaxes(-1, -2), qb, preferred_element_type=f32))
+    dkt = dkt.at[..., :end].add(jnp.matmul(qb.swapaxes(-1, -2), ds, preferred_element_type=f32))
   dq = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
   dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, tq, hkv * g, d)
-  return (dq.astype(qg.dtype), dk.transpose(0, 2, 1, 3).astype(kh.dtype),
-          dv.transpose(0, 2, 1, 3).astype(vh.dtype),
+  return (dq.astype(qg.dtype), dkt.transpose(0, 3, 1, 2).astype(kh.dtype),
+          dvt.transpose(0, 3, 1, 2).astype(vh.dtype),
           None if bias is None else jnp.zeros_like(bias))
 
 

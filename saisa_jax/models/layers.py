@@ -41,12 +41,15 @@ class Dense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
                         in_shape + features, jnp.float32)
     x = x.astype(self.dtype)
-    # One plain 2-D matmul (the kernel keeps its named axes for sharding): multi-axis
-    # dot_generals run several times slower on XLA:CPU, most of all in the backward.
+    # One plain 2-D matmul, rows x features (the kernel keeps its named axes for
+    # sharding): multi-axis dot_generals run several times slower on XLA:CPU, most of all
+    # in the backward, where a weight gradient contracting over [batch, seq] gets its
+    # output gradient transposed inside the fused activation backward.
     n_in_flat, n_out_flat = math.prod(in_shape), math.prod(features)
-    y = jnp.matmul(x.reshape(x.shape[:-n_in] + (n_in_flat,)),
+    lead = x.shape[:-n_in]
+    y = jnp.matmul(x.reshape((math.prod(lead), n_in_flat)),
                    kernel.astype(self.dtype).reshape(n_in_flat, n_out_flat))
-    y = y.reshape(x.shape[:-n_in] + features)
+    y = y.reshape(lead + features)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
                         features, jnp.float32)
