@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIDDEN = -1e30  # bias of a hidden key: exp underflows to exactly 0, never inf - inf
 
@@ -30,28 +31,85 @@ def mask_bias(mask):
   return jnp.where(mask, jnp.float32(0), jnp.float32(HIDDEN))
 
 
+IMPLS = ("einsum", "dot_product", "flash", "flash_interpret")
+
+
+def is_flash(impl: str) -> bool:
+  """Does `impl` take the mask as flash_tpu.PositionMask (not as a bias)?"""
+  return impl in ("flash", "flash_interpret")
+
+
 def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
-           block: int = 0):
+           block: int = 0, flash_block: int = 256):
   """Softmax attention with GQA.
 
   q float[B, Q, H, D], k/v float[B, K, Hkv, D] (H a multiple of Hkv), bias
   float32[B, Q, K] or None (every key visible) -> float[B, Q, H, D]. Scores and softmax
   in float32. A row with no visible key (padding) gets a finite, meaningless output.
 
-  impl: "einsum" (explicit scores, the parity reference and fastest on CPU) or
-  "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs).
+  impl: "einsum" (explicit scores, the parity reference and fastest on CPU),
+  "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs), "flash"
+  (flash_tpu.py: a Pallas TPU kernel; `bias` is then a flash_tpu.PositionMask, no
+  [Q, K] array exists; `flash_block` rows/columns per tile) or "flash_interpret" (the
+  same kernel through Pallas' interpreter: any backend, slow; for tests).
   causal_from / block: causal block skipping (module docstring) with `block` query rows
   per block; None or 0 turns it off. Only "einsum" skips, and only under a bias (the
-  bias is what hides the skipped keys in the unblocked computation).
+  bias is what hides the skipped keys in the unblocked computation); flash skips the
+  tiles its mask hides by itself.
   """
+  if is_flash(impl):
+    return _flash_sharded(q, k, v, bias, flash_block, impl == "flash_interpret")
+  if bias is not None and not hasattr(bias, "dtype"):
+    raise TypeError(f"attention {impl!r} takes the mask as a float bias, got "
+                    f"{type(bias).__name__} (a PositionMask is for model.attention=flash)")
   if impl == "dot_product":
     return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[:, None])
   if impl != "einsum":
-    raise ValueError(f"model.attention={impl!r}; choose einsum or dot_product")
+    raise ValueError(f"model.attention={impl!r}; choose one of {IMPLS}")
   tq, tk = q.shape[1], k.shape[1]
   if causal_from is None or not block or bias is None:
     causal_from, block = tk, tq  # one block that reads every key
   return _attend(q, k, v, bias, causal_from, block)
+
+
+def _flash_sharded(q, k, v, mask, block: int, interpret: bool):
+  """flash_tpu.flash_attend, under the ambient mesh as a shard_map over batch (data,
+  fsdp) and heads (tensor) as the logical rules place them: a Pallas kernel is opaque to
+  XLA's partitioner, which would otherwise gather q, k, v onto every device."""
+  from saisa_jax.models import flash_tpu  # Pallas is only imported when chosen
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return flash_tpu.flash_attend(q, k, v, mask, block, interpret)
+  if mask is None:
+    mask = flash_tpu.full_mask(q.shape[0], q.shape[1], k.shape[1])
+  batch_ax, heads_ax = _mesh_axes(("batch", "heads"), mesh)
+  size = lambda ax: 1 if ax is None else int(np.prod([mesh.shape[a] for a in (
+      ax if isinstance(ax, tuple) else (ax,))]))
+  if q.shape[0] % size(batch_ax):
+    batch_ax = None
+  if q.shape[2] % size(heads_ax) or k.shape[2] % size(heads_ax):
+    heads_ax = None  # e.g. 9 query / 3 kv heads over tensor=2: heads stay whole
+  qkv = jax.sharding.PartitionSpec(batch_ax, None, heads_ax, None)
+  rows = jax.sharding.PartitionSpec(batch_ax, None)
+  naavit = mask.naavit
+
+  def local(q, k, v, qi, ki):
+    return flash_tpu.flash_attend(q, k, v, flash_tpu.PositionMask(qi, ki, naavit), block,
+                                  interpret)
+  return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, rows, rows),
+                       out_specs=qkv, check_vma=False)(q, k, v, mask.q_info, mask.k_info)
+
+
+def _mesh_axes(names, mesh):
+  """Logical names -> mesh axes under the active flax rules (None: unsharded)."""
+  import flax.linen as nn
+  spec = nn.logical_to_mesh_axes(tuple(names))
+  out = []
+  for ax in spec:
+    axes = tuple(a for a in (ax if isinstance(ax, tuple) else (ax,))
+                 if a is not None and a in mesh.shape and mesh.shape[a] > 1)
+    out.append(None if not axes else (axes if len(axes) > 1 else axes[0]))
+  return out
 
 
 def _block_bounds(tq: int, tk: int, causal_from: int, block: int):

@@ -16,6 +16,8 @@ from saisa_jax.models.layers import Dense, LayerNorm, constrain, maybe_remat, qu
 class VisionLayer(nn.Module):
   cfg: VisionConfig
   dtype: jnp.dtype = jnp.float32
+  attention: str = "einsum"   # attention.attend's impl
+  flash_block: int = 256
 
   @nn.compact
   def __call__(self, x, _):
@@ -26,7 +28,8 @@ class VisionLayer(nn.Module):
     q = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="q_proj")(h)
     k = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="k_proj")(h)
     v = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="v_proj")(h)
-    attn = attend(q, k, v, None)  # every patch sees every patch: no mask at all
+    # Every patch sees every patch: no mask at all.
+    attn = attend(q, k, v, None, self.attention, flash_block=self.flash_block)
     x = x + Dense(c.hidden_size, ("heads", "kv", "vision_embed"), in_dims=2, use_bias=True,
                   dtype=dt, name="out_proj")(attn)
     h = LayerNorm(c.layer_norm_eps, dt, name="layer_norm2")(x)
@@ -43,6 +46,8 @@ class VisionTower(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"
   scan_unroll: int = 1
+  attention: str = "einsum"
+  flash_block: int = 256
 
   @nn.compact
   def __call__(self, images):
@@ -69,5 +74,5 @@ class VisionTower(nn.Module):
       stack = nn.scan(maybe_remat(VisionLayer, self.remat), variable_axes={"params": 0},
                       split_rngs={"params": True}, length=c.layers_used,
                       unroll=min(self.scan_unroll, c.layers_used), metadata_params=stack_axes())
-      x, _ = stack(c, self.dtype, name="layers")(x, None)
+      x, _ = stack(c, self.dtype, self.attention, self.flash_block, name="layers")(x, None)
     return x[:, 1:]

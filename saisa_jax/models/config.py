@@ -64,7 +64,12 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype; params are always float32
   remat: str = "none"           # none | full | dots | dots_no_batch
   scan_unroll: int = 1          # layers unrolled per scan step (num_layers: fully)
-  attention: str = "einsum"     # einsum | dot_product (jax.nn.dot_product_attention)
+  # einsum | dot_product (jax.nn.dot_product_attention, cuDNN on GPU) | flash (Pallas
+  # TPU kernel, mask as positions: models/flash_tpu.py) | flash_interpret (the same
+  # kernel interpreted, any backend; slow, for tests). Used by the decoder and the tower.
+  attention: str = "einsum"
+  # Flash attention tile (query rows = key columns), a multiple of 128.
+  flash_block: int = 256
   # Query rows per block of causal block skipping in the decoder (attention.py); 0: off.
   attention_block: int = 128
   # SAISA's visual K/V of all layers, computed before the text runs: "scan" (layer by
@@ -78,6 +83,12 @@ class ModelConfig:
   def __post_init__(self):
     if self.alignment not in ALIGNMENTS:
       raise ValueError(f"model.alignment={self.alignment!r}; choose one of {ALIGNMENTS}")
+    if self.attention not in ("einsum", "dot_product", "flash", "flash_interpret"):
+      raise ValueError(f"model.attention={self.attention!r}; choose einsum, dot_product, "
+                       "flash (TPU) or flash_interpret")
+    if self.flash_block <= 0 or self.flash_block % 128:
+      raise ValueError(f"model.flash_block={self.flash_block}; use a positive multiple of "
+                       "128 (TPU lanes)")
     if self.attention_block < 0:
       raise ValueError(f"model.attention_block={self.attention_block}; use 0 (off) or a "
                        "positive number of query rows per block")
@@ -116,5 +127,6 @@ def from_config(model: Any) -> ModelConfig:
       scan_unroll=int(get(model, "scan_unroll", 1)),
       attention=get(model, "attention", "einsum"),
       attention_block=int(get(model, "attention_block", 128)),
+      flash_block=int(get(model, "flash_block", 256)),
       visual_pass=get(model, "visual_pass", "scan"),
   )

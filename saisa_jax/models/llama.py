@@ -69,7 +69,7 @@ class DecoderLayer(nn.Module):
         k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=1)
       attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias, self.cfg.attention,
-                    causal_from, self.cfg.attention_block)
+                    causal_from, self.cfg.attention_block, self.cfg.flash_block)
     attn = constrain(attn, ("batch", "length", "heads", "kv"))
     x = x + self.o_proj(attn)
     h = self.post_norm(x)
@@ -141,7 +141,7 @@ class Decoder(nn.Module):
       carry, kv_all = layer(carry, rope, bias, kv, decode, causal_from)
       return carry, (kv_all if return_kv else None)
 
-    if bias.dtype == jnp.bool_:
+    if getattr(bias, "dtype", None) == jnp.bool_:
       raise TypeError("Decoder takes the mask as an additive float bias: pass "
                       "attention.mask_bias(mask), not the boolean mask")
     rope = self.rope(positions)

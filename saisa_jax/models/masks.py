@@ -1,6 +1,9 @@
 """The attention mask of all three alignments, computed from sequence positions."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 
 
@@ -30,3 +33,30 @@ def attention_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment: str):
                     & (k_pos[:, None, :] != q_pos[:, :, None]))
     mask = mask & ~other_visual
   return mask
+
+
+# The same mask as per-token information, for flash attention (flash_tpu.py):
+#   q_info = 2 * q_pos + q_visual, k_info = 2 * k_pos + k_visual (invalid keys: k_pos =
+#   HIDDEN_POS), and a tile's mask is derived from its rows and columns in the kernel.
+HIDDEN_POS = 1 << 29  # position of an invalid key: after every query
+
+
+class PositionMask(NamedTuple):
+  """The mask as per-token information (see above): q_info int32[B, Q], k_info
+  int32[B, K], naavit (static bool: hide visual keys from other visual queries)."""
+  q_info: jax.Array
+  k_info: jax.Array
+  naavit: bool = False
+
+
+def position_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment: str) -> PositionMask:
+  """The arguments of masks.attention_mask -> PositionMask (same mask, no [Q, K] array)."""
+  q_info = 2 * q_pos.astype(jnp.int32) + q_visual.astype(jnp.int32)
+  k_pos = jnp.where(k_valid, k_pos.astype(jnp.int32), HIDDEN_POS)
+  k_info = 2 * k_pos + k_visual.astype(jnp.int32)
+  return PositionMask(q_info, k_info, alignment == "naavit")
+
+
+def full_mask(b: int, tq: int, tk: int) -> PositionMask:
+  """Every key visible to every query (the vision tower)."""
+  return PositionMask(jnp.zeros((b, tq), jnp.int32), jnp.zeros((b, tk), jnp.int32))

@@ -18,7 +18,8 @@ from saisa_jax.models.clip import VisionTower
 from saisa_jax.models.config import ModelConfig
 from saisa_jax.models.layers import dtype_of
 from saisa_jax.models.llama import Decoder
-from saisa_jax.models.attention import mask_bias
+from saisa_jax.models.attention import is_flash, mask_bias
+from saisa_jax.models import masks
 from saisa_jax.models.masks import attention_mask
 from saisa_jax.models.projectors import MLPProjector
 
@@ -55,7 +56,8 @@ class SaisaModel(nn.Module):
 
   def setup(self):
     dt = dtype_of(self.cfg.dtype)
-    self.vision = VisionTower(self.cfg.vision, dt, self.cfg.remat, self.cfg.scan_unroll)
+    self.vision = VisionTower(self.cfg.vision, dt, self.cfg.remat, self.cfg.scan_unroll,
+                              self.cfg.attention, self.cfg.flash_block)
     if self.cfg.alignment in ("llava", "naavit"):
       self.projector = MLPProjector(self.cfg.llm.hidden_size, dt)
     self.decoder = Decoder(self.cfg)
@@ -70,6 +72,14 @@ class SaisaModel(nn.Module):
     positions = (image_slots[:, :, None] + jnp.arange(p, dtype=jnp.int32)).reshape(b, n * p)
     valid = jnp.repeat(image_slots >= 0, p, axis=1)
     return feats, positions, valid
+
+  def _mask(self, q_pos, q_visual, k_pos, k_visual, k_valid, alignment: str):
+    """masks.attention_mask as the decoder's attention takes it: an additive bias
+    float32[B, Q, K], or for flash attention the per-token PositionMask (no [Q, K]
+    array at all)."""
+    if is_flash(self.cfg.attention):
+      return masks.position_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment)
+    return mask_bias(attention_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment))
 
   def _forward(self, batch, return_kv: bool = False):
     """-> (text hidden float[B, L, d] in the batch's token order, kv or None, key
@@ -86,9 +96,9 @@ class SaisaModel(nn.Module):
     if not has_images:
       order = _position_order(positions, text_mask)
       x, positions, text_mask = _gather_rows(order, x, positions, text_mask)
-      mask = attention_mask(positions, q_visual, positions, q_visual, text_mask,
-                            self.cfg.alignment)
-      out = self.decoder(x, positions, mask_bias(mask), return_kv=return_kv, causal_from=0)
+      mask = self._mask(positions, q_visual, positions, q_visual, text_mask,
+                        self.cfg.alignment)
+      out = self.decoder(x, positions, mask, return_kv=return_kv, causal_from=0)
       x, kv = out if return_kv else (out, None)
       return _ungather_rows(order, x), kv, positions, text_mask
 
@@ -99,8 +109,8 @@ class SaisaModel(nn.Module):
       x, positions, text_mask = _gather_rows(order, x, positions, text_mask)
       k_pos, k_valid, k_visual = _visual_then_text(vis_pos, vis_valid, positions, text_mask)
       visual_kv = self.decoder.visual_kv(feats, vis_pos)
-      mask = attention_mask(positions, q_visual, k_pos, k_visual, k_valid, "saisa")
-      out = self.decoder(x, positions, mask_bias(mask), visual_kv, return_kv=return_kv,
+      mask = self._mask(positions, q_visual, k_pos, k_visual, k_valid, "saisa")
+      out = self.decoder(x, positions, mask, visual_kv, return_kv=return_kv,
                          causal_from=n_vis)
       x, kv = out if return_kv else (out, None)
       return _ungather_rows(order, x), kv, k_pos, k_valid
@@ -110,8 +120,8 @@ class SaisaModel(nn.Module):
     k_pos, k_valid, k_visual = _visual_then_text(vis_pos, vis_valid, positions, text_mask)
     order = _position_order(k_pos, k_valid)
     x, k_pos, k_valid, k_visual = _gather_rows(order, x, k_pos, k_valid, k_visual)
-    mask = attention_mask(k_pos, k_visual, k_pos, k_visual, k_valid, self.cfg.alignment)
-    out = self.decoder(x, k_pos, mask_bias(mask), return_kv=return_kv, causal_from=0)
+    mask = self._mask(k_pos, k_visual, k_pos, k_visual, k_valid, self.cfg.alignment)
+    out = self.decoder(x, k_pos, mask, return_kv=return_kv, causal_from=0)
     x, kv = out if return_kv else (out, None)
     return _ungather_rows(order, x)[:, n_vis:], kv, k_pos, k_valid
 
