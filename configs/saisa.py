@@ -3,8 +3,10 @@
   --config configs/saisa.py:llm=vicuna7b,alignment=llava
 Arguments: llm (tiny | smollm2_135m | vicuna7b | llama3_8b), tower (default: the
 LLM's), alignment (saisa | llava | naavit), dtype (float32 | bfloat16), remat,
-visual_pass (scan | vmap). Causal block skipping: --config.model.attention_block=N
-query rows per block (default 128; 0 turns it off).
+visual_pass (scan | vmap), attention (einsum | dot_product | flash: the Pallas TPU
+kernel, mask as positions, tiles of --config.model.flash_block). Causal block
+skipping of einsum: --config.model.attention_block=N query rows per block (default 128;
+0 turns it off).
 """
 from saisa_jax import presets
 from saisa_jax.config_args import parse_arg
@@ -13,11 +15,11 @@ import ml_collections
 
 def get_config(arg=None):
   a = parse_arg(arg, llm="vicuna7b", tower="", alignment="saisa", dtype="bfloat16",
-                remat="full", visual_pass="scan")
+                remat="full", visual_pass="scan", attention="einsum")
   config = ml_collections.ConfigDict()
   config.model = ml_collections.ConfigDict(dict(
       alignment=a.alignment, dtype=a.dtype, remat=a.remat, scan_unroll=1,
-      visual_pass=a.visual_pass,
+      visual_pass=a.visual_pass, attention=a.attention, flash_block=256,
       attention_block=128,  # causal block skipping (attention.py); 0: off
       llm=presets.lookup(presets.LLMS, a.llm, "llm"),
       vision=presets.lookup(presets.TOWERS, a.tower or presets.DEFAULT_TOWER[a.llm], "tower")))

@@ -11,7 +11,8 @@
 Arguments: those of configs/saisa.py (llm, tower, alignment, dtype, remat) and
 mesh (fsdp | data: the axis that takes the devices), tensor (tensor-parallel size),
 visual_pass (default scan: SAISA's visual K/V layer by layer, 5.4 GiB less per v5p
-chip than the batched vmap pass in this recipe; measured with saisa-compile).
+chip than the batched vmap pass in this recipe; measured with saisa-compile),
+attention (einsum | flash: on TPU the Pallas kernel of models/flash_tpu.py).
 
 Stage 1 (pretrain): LLaVA-558K captions, template plain, global batch 256, lr 1e-3,
 only the projectors train (saisa: one per layer; llava: the global one).
@@ -42,9 +43,10 @@ PRETRAIN_SAMPLES, FINETUNE_SAMPLES = 558_128, 665_298
 
 def get_config(arg=None):
   a = parse_arg(arg, llm="vicuna7b", tower="", alignment="saisa", dtype="bfloat16",
-                remat="full", mesh="fsdp", tensor=1, visual_pass="scan")
+                remat="full", mesh="fsdp", tensor=1, visual_pass="scan", attention="einsum")
   model = _model_config(f"llm={a.llm},tower={a.tower},alignment={a.alignment},"
-                        f"dtype={a.dtype},remat={a.remat},visual_pass={a.visual_pass}")
+                        f"dtype={a.dtype},remat={a.remat},visual_pass={a.visual_pass},"
+                        f"attention={a.attention}")
   c = ml_collections.ConfigDict()
   c.model = model.model
 

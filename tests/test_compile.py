@@ -67,3 +67,15 @@ def test_does_not_fit_is_an_error_and_flops_extrapolate(tmp_path):
 def test_unknown_topology_is_a_clear_error(tmp_path):
   proc, _ = run_compile(tmp_path, "bad", "--topology", "v5litepod-256")
   assert proc.returncode != 0 and "topology" in proc.stderr
+
+
+def test_flash_attention_config_compiles_with_mosaic_kernels(tmp_path):
+  """model.attention=flash: the train step and prefill of the tiny config compile for
+  v5e:2x2 with the Pallas kernels of models/flash_tpu.py, partitioned as shard_maps over
+  the 4-chip mesh (XLA refuses a Mosaic kernel it would have to partition itself)."""
+  proc, report = run_compile(tmp_path, "flash", "--alignments", "saisa", "--programs",
+                             "train,prefill", "--config.model.attention=flash")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for program in ("train", "prefill"):
+    r = report["results"]["saisa"][program]
+    assert r["fits"] and r["flops"] > 0
