@@ -13,9 +13,10 @@ the tile's rows and columns, with the one rule of masks.attention_mask:
 
 so every alignment (llava's causal rows, naavit's exclusions, saisa's [visual; text]
 keys for text queries, padding, multi-image and text-only rows, the tower's full mask)
-is one kernel. Whole tiles with no visible key are skipped (min key position of the
-tile > max query position: the causal half of llava, text before an image in saisa);
-those per-tile bounds are computed in XLA and reach the kernel as scalar prefetch.
+is one kernel. The compute of whole tiles with no visible key is skipped (min key
+position of the tile > max query position: the causal half of llava, text before an
+image in saisa; their blocks are still fetched); those per-tile bounds are computed in
+XLA and reach the kernel as scalar prefetch.
 
 Online softmax forward (FlashAttention-2); the backward recomputes the probabilities
 from the saved log-sum-exp, in two kernels: dQ (keys innermost) and dK/dV (queries
@@ -27,6 +28,7 @@ dense path); on TPU they compile through Mosaic (saisa-compile).
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
