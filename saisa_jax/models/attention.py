@@ -23,15 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saisa_jax.models.config import ATTENTION_IMPLS
+
 HIDDEN = -1e30  # bias of a hidden key: exp underflows to exactly 0, never inf - inf
 
 
 def mask_bias(mask):
   """bool[B, Q, K] -> float32[B, Q, K]: 0 where visible, HIDDEN where not."""
   return jnp.where(mask, jnp.float32(0), jnp.float32(HIDDEN))
-
-
-IMPLS = ("einsum", "dot_product", "flash", "flash_interpret")
 
 
 def is_flash(impl: str) -> bool:
@@ -65,7 +64,7 @@ def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
   if impl == "dot_product":
     return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[:, None])
   if impl != "einsum":
-    raise ValueError(f"model.attention={impl!r}; choose one of {IMPLS}")
+    raise ValueError(f"model.attention={impl!r}; choose one of {ATTENTION_IMPLS}")
   tq, tk = q.shape[1], k.shape[1]
   if causal_from is None or not block or bias is None:
     causal_from, block = tk, tq  # one block that reads every key

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+ATTENTION_IMPLS = ("einsum", "dot_product", "flash", "flash_interpret")  # attention.attend
 ALIGNMENTS = ("llava", "naavit", "saisa")
 
 
@@ -83,7 +84,7 @@ class ModelConfig:
   def __post_init__(self):
     if self.alignment not in ALIGNMENTS:
       raise ValueError(f"model.alignment={self.alignment!r}; choose one of {ALIGNMENTS}")
-    if self.attention not in ("einsum", "dot_product", "flash", "flash_interpret"):
+    if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention={self.attention!r}; choose einsum, dot_product, "
                        "flash (TPU) or flash_interpret")
     if self.flash_block <= 0 or self.flash_block % 128:
