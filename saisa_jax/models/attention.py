@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from saisa_jax.models.config import ATTENTION_IMPLS
+from saisa_jax.models.layers import fit_spec
 
 HIDDEN = -1e30  # bias of a hidden key: exp underflows to exactly 0, never inf - inf
 
@@ -81,15 +81,11 @@ def _flash_sharded(q, k, v, mask, block: int, interpret: bool):
     return flash_tpu.flash_attend(q, k, v, mask, block, interpret)
   if mask is None:
     mask = flash_tpu.full_mask(q.shape[0], q.shape[1], k.shape[1])
-  batch_ax, heads_ax = _mesh_axes(("batch", "heads"), mesh)
-  size = lambda ax: 1 if ax is None else int(np.prod([mesh.shape[a] for a in (
-      ax if isinstance(ax, tuple) else (ax,))]))
-  if q.shape[0] % size(batch_ax):
-    batch_ax = None
-  if q.shape[2] % size(heads_ax) or k.shape[2] % size(heads_ax):
-    heads_ax = None  # e.g. 9 query / 3 kv heads over tensor=2: heads stay whole
-  qkv = jax.sharding.PartitionSpec(batch_ax, None, heads_ax, None)
-  rows = jax.sharding.PartitionSpec(batch_ax, None)
+  # Mesh axes of size 1 or that do not divide a dimension are dropped (e.g. 3 kv heads
+  # over tensor=2: heads stay whole); kv heads divide evenly, so query heads do too.
+  qkv = fit_spec(jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(
+      ("batch", None, "heads", None))), mesh, k.shape)
+  rows = jax.sharding.PartitionSpec(qkv[0], None)
   naavit = mask.naavit
 
   def local(q, k, v, qi, ki):
@@ -97,18 +93,6 @@ def _flash_sharded(q, k, v, mask, block: int, interpret: bool):
                                   interpret)
   return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, rows, rows),
                        out_specs=qkv, check_vma=False)(q, k, v, mask.q_info, mask.k_info)
-
-
-def _mesh_axes(names, mesh):
-  """Logical names -> mesh axes under the active flax rules (None: unsharded)."""
-  import flax.linen as nn
-  spec = nn.logical_to_mesh_axes(tuple(names))
-  out = []
-  for ax in spec:
-    axes = tuple(a for a in (ax if isinstance(ax, tuple) else (ax,))
-                 if a is not None and a in mesh.shape and mesh.shape[a] > 1)
-    out.append(None if not axes else (axes if len(axes) > 1 else axes[0]))
-  return out
 
 
 def _block_bounds(tq: int, tk: int, causal_from: int, block: int):

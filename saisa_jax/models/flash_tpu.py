@@ -267,8 +267,7 @@ def _backward(q, k, v, o, lse, do, qi, ki, qmax, kmin, naavit, bq, bk, interpret
 # ---------------------------------------------------------------- public entry
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _flash(q, k, v, qi, ki, naavit, bq, bk, interpret):
-  qmax, kmin = _tile_bounds(PositionMask(qi[..., 0], ki[:, 0]), bq, bk)
-  return _forward(q, k, v, qi, ki, qmax, kmin, naavit, bq, bk, interpret)[0]
+  return _flash_fwd(q, k, v, qi, ki, naavit, bq, bk, interpret)[0]
 
 
 def _flash_fwd(q, k, v, qi, ki, naavit, bq, bk, interpret):

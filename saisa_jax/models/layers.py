@@ -13,6 +13,22 @@ import jax
 import jax.numpy as jnp
 
 
+def fit_spec(spec, mesh, shape=None):
+  """Drops mesh axes of size 1, and axes that do not divide the dimension (e.g. 9
+  heads over tensor=2), so one rule table stays valid on any mesh and model."""
+  def keep(ax, dim):
+    if ax is None:
+      return None
+    axes, size = [], 1
+    for a in (ax if isinstance(ax, tuple) else (ax,)):
+      if mesh.shape[a] > 1 and (dim is None or dim % (size * mesh.shape[a]) == 0):
+        axes.append(a)
+        size *= mesh.shape[a]
+    return tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)
+  dims = shape if shape is not None else [None] * len(spec)
+  return jax.sharding.PartitionSpec(*(keep(a, d) for a, d in zip(spec, dims)))
+
+
 def constrain(x, names: Sequence[str | None]):
   """Activation sharding hint by logical names; a no-op without mesh + rules."""
   return nn.with_logical_constraint(x, tuple(names))
@@ -126,4 +142,4 @@ def stack_axes() -> dict:
 
 
 __all__ = ["Dense", "RMSNorm", "LayerNorm", "constrain", "quick_gelu", "exact_gelu",
-           "maybe_remat", "dtype_of", "stack_axes"]
+           "maybe_remat", "dtype_of", "stack_axes", "fit_spec"]

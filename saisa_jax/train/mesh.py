@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.experimental.mesh_utils
 import numpy as np
+
+from saisa_jax.models.layers import fit_spec
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
@@ -70,29 +72,15 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
   """Boxed (LogicallyPartitioned) abstract variables -> a tree of NamedShardings."""
   specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), rules)
   shapes = nn.meta.unbox(abstract_tree)
-  return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit(s, mesh, x.shape)), specs, shapes,
+  return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec(s, mesh, x.shape)), specs,
+                      shapes,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def _fit(spec: PartitionSpec, mesh: Mesh, shape=None) -> PartitionSpec:
-  """Drops mesh axes of size 1, and axes that do not divide the dimension (e.g. 9
-  heads over tensor=2), so one rule table stays valid on any mesh and model."""
-  def keep(ax, dim):
-    if ax is None:
-      return None
-    axes, size = [], 1
-    for a in (ax if isinstance(ax, tuple) else (ax,)):
-      if mesh.shape[a] > 1 and (dim is None or dim % (size * mesh.shape[a]) == 0):
-        axes.append(a)
-        size *= mesh.shape[a]
-    return tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)
-  dims = shape if shape is not None else [None] * len(spec)
-  return PartitionSpec(*(keep(a, d) for a, d in zip(spec, dims)))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) axis over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, _fit(PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))), mesh))
+  spec = PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1)))
+  return NamedSharding(mesh, fit_spec(spec, mesh))
 
 
 class InMesh:
