@@ -49,7 +49,9 @@ def get_config(arg=None):
       eps=1e-8, weight_decay=0.05, clip_norm=1.0, accum_steps=1, trainable=".*",
       total_steps=0))
   c.train = ml_collections.ConfigDict(dict(seed=0, log_every=100, ckpt_every=500, keep=2,
-                                           blind=a.blind, distributed=False))
+                                           blind=a.blind, distributed=False,
+                                           # error, not warning, when the step recompiles
+                                           fail_on_recompile=False))
   c.stages = "pretrain,finetune"
   c.pretrain = ml_collections.ConfigDict(dict(steps=a.pretrain_steps, template="plain",
                                               json_path=""))

@@ -76,7 +76,9 @@ def get_config(arg=None):
       eps=1e-8, weight_decay=0.0, clip_norm=1.0, accum_steps=1, trainable="^(decoder|projector)",
       total_steps=0))
   c.train = ml_collections.ConfigDict(dict(seed=0, log_every=10, ckpt_every=500, keep=2,
-                                           blind=False, distributed=False))
+                                           blind=False, distributed=False,
+                                           # error, not warning, when the step recompiles
+                                           fail_on_recompile=False))
 
   c.stages = "pretrain,finetune"
   c.pretrain = ml_collections.ConfigDict(dict(

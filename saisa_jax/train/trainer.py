@@ -31,6 +31,7 @@ from saisa_jax.data.pipeline import make_iterator
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
 from saisa_jax.train import checkpoint as ckpt_lib
+from saisa_jax.train.compiles import CompileWatch
 from saisa_jax.train.curves import plot_curves
 from saisa_jax.train.mesh import InMesh, batch_sharding, make_mesh, rules_from_config
 from saisa_jax.train.metrics import MetricWriter, progress_line
@@ -136,6 +137,7 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
 
   # ---------------- Train loop ----------------
   writer = MetricWriter(workdir, name)
+  watch = CompileWatch(name, bool(sc.train.get("fail_on_recompile", False)))
   step = int(jax.device_get(state["step"]))
   bad_steps = jnp.zeros((), jnp.int32)
   t_last, step_last, tokens_since = time.time(), step, 0
@@ -146,7 +148,8 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
     if sc.train.blind:
       batch = blind_batch(batch)
     tokens_since += int(batch["text_mask"].sum())
-    state, metrics = step_fn(state, to_global(batch, mesh))
+    with watch.step(batch, step + 1):
+      state, metrics = step_fn(state, to_global(batch, mesh))
     bad_steps = bad_steps + (1 - metrics["finite"].astype(jnp.int32))
     step += 1
     log_now = step % sc.train.log_every == 0 or step == total
@@ -164,6 +167,7 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
       m["step_time_ms"] = 1000 * dt / (step - step_last)
       m["tokens_per_s"] = tokens_since / dt
       m["skipped"] = sum(data_iter.skipped.values())
+      m["compiles"], m["recompiles"] = watch.compiles, watch.recompiles
       writer.write(step, m)
       print(progress_line(name, step, total, m, (total - step) / m["steps_per_s"]), flush=True)
       if data_iter.skipped:
