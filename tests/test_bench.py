@@ -34,3 +34,30 @@ def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
   last = proc.stdout.strip().splitlines()[-2:]
   assert last[0].startswith("prefill saisa/llava: ")
   assert last[1].startswith("train step saisa/llava: ")
+
+
+def test_mfu_is_model_flops_over_the_device_peak(monkeypatch):
+  """On an accelerator bench_jax divides XLA's model-FLOP rate by the dense bf16 peak;
+  the count comes from the twin without remat, so recomputation does not inflate it."""
+  from saisa_jax.tools import bench
+  monkeypatch.setattr(bench, "peak_tflops", lambda kind: 0.5)
+  out = bench.bench_jax("default", "saisa", 2, 16, 1, 1, dtype="bfloat16", remat="full",
+                        llm_layers=1)
+  tr = out["train_step"]
+  assert abs(tr["mfu"] - tr["gflops"] / (tr["ms"] / 1000) / 500) < 1e-9
+  plain = bench.model_config("default", "saisa", unrolled=True, remat="full")
+  assert plain.remat == "none" and bench.model_config("default", "saisa", remat="full").remat == "full"
+
+
+def test_peaks_and_the_7b_width_preset():
+  from saisa_jax.tools.bench import model_config
+  from saisa_jax.tools.peaks import peak_tflops
+  assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+  assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+  assert peak_tflops("NVIDIA H200") == 989.4
+  assert peak_tflops("TPU v5 lite") == 197.0 and peak_tflops("TPU v5p") == 459.0
+  assert peak_tflops("cpu") is None
+  c = model_config("w7b", "saisa")
+  assert (c.llm.hidden_size, c.llm.num_layers, c.vision.hidden_size, c.vision.select_layer) == (
+      4096, 4, 1024, -2)
+  assert model_config("w7b", "saisa", llm_layers=2).llm.num_layers == 2

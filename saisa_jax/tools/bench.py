@@ -5,7 +5,10 @@ Hugging Face PyTorch LlavaForConditionalGeneration, on the same shapes in one ru
 
 The tiny and smollm2 presets pair an LLM with a small CLIP-shaped tower that gives
 LLaVA-1.5's 576 visual tokens (336 px, patch 14): the regime SAISA is built for;
-"default" is the main job's model (16 visual tokens). Times are medians over
+"default" is the main job's model (16 visual tokens); "w7b" is Vicuna-7B's width with 4
+decoder layers and the real CLIP-L tower, for an accelerator (--dtype bfloat16 --remat
+full: the output then gives train-step MFU against the device's bf16 peak, peaks.py,
+and the HF peer runs on the GPU when torch sees one). Times are medians over
 --repeats calls after warm-up (spread = 25th..75th percentile) of the programs as
 configured for training and serving (layers under nn.scan); FLOPs are XLA's count of
 the same function compiled with every scan unrolled (XLA counts a loop body once);
@@ -40,6 +43,7 @@ import numpy as np
 from saisa_jax import hugepages
 from saisa_jax import presets
 from saisa_jax.models.build import build
+from saisa_jax.tools.peaks import peak_tflops
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.step import make_train_step
 
@@ -53,6 +57,11 @@ _TORCH = flags.DEFINE_bool("torch", True, "Also time HF PyTorch Llava.")
 _TRAIN_TOWER = flags.DEFINE_bool(
     "train_tower", False, "Train step also trains the CLIP tower. Off: the stage-2 recipe "
     "of SAISA and LLaVA-1.5 (LLM + projector(s) trained, tower frozen), in both stacks.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype of both stacks (params stay float32 in JAX).")
+_REMAT = flags.DEFINE_string("remat", "none", "model.remat of the timed train step.")
+_LLM_LAYERS = flags.DEFINE_integer("llm_layers", 0, "Decoder layers (0: the preset's).")
+_ATTENTION = flags.DEFINE_string("attention", "einsum", "model.attention (see models/config.py).")
 
 # Parameters the train step updates (optim.trainable), as configs/saisa_train.py stage 2.
 STAGE2_TRAINABLE = "^(decoder|projector)"
@@ -64,21 +73,28 @@ def trainable_pattern(train_tower: bool) -> str:
 # 576 visual tokens like CLIP ViT-L/14-336, at a width a CPU can run.
 BENCH_TOWER = dict(image_size=336, patch_size=14, hidden_size=64, intermediate_size=256,
                    num_layers=2, num_heads=4, layer_norm_eps=1e-5, select_layer=-1)
-# preset -> (LLM preset, tower); "default" is the main job's model (16 visual tokens).
-PRESETS = {"tiny": ("tiny", BENCH_TOWER), "smollm2": ("smollm2_135m", BENCH_TOWER),
-           "default": ("tiny", presets.TOWERS["tiny"])}
+# preset -> (LLM preset, tower, decoder layers or None for the LLM's); "default" is the
+# main job's model (16 visual tokens); "w7b" is Vicuna-7B's width with 4 decoder layers
+# and the real CLIP ViT-L/14-336 tower, for an accelerator's MFU (--dtype bfloat16).
+PRESETS = {"tiny": ("tiny", BENCH_TOWER, None), "smollm2": ("smollm2_135m", BENCH_TOWER, None),
+           "default": ("tiny", presets.TOWERS["tiny"], None),
+           "w7b": ("vicuna7b", presets.TOWERS["clip_l14_336"], 4)}
 ALIGNMENTS = ("saisa", "naavit", "llava")
 
 
-def model_config(preset: str, alignment: str, unrolled: bool = False) -> ml_collections.ConfigDict:
-  """scan_unroll 1 (as configs/saisa.py) for timing; `unrolled` for counting FLOPs.
+def model_config(preset: str, alignment: str, unrolled: bool = False, dtype: str = "float32",
+                 remat: str = "none", llm_layers: int = 0,
+                 attention: str = "einsum") -> ml_collections.ConfigDict:
+  """scan_unroll 1 (as configs/saisa.py) for timing; `unrolled` for counting FLOPs, with
+  remat off there so the count is the model's FLOPs, not the recomputation's.
   (Unrolling is also slower on XLA:CPU: each layer's weights get sliced out as copies.)"""
-  llm_name, tower = PRESETS[preset]
+  llm_name, tower, layers = PRESETS[preset]
   llm = presets.lookup(presets.LLMS, llm_name, "llm")
+  llm["num_layers"] = llm_layers or layers or llm["num_layers"]
   unroll = max(llm["num_layers"], tower["num_layers"]) if unrolled else 1
   return ml_collections.ConfigDict(dict(
-      alignment=alignment, dtype="float32", remat="none", scan_unroll=unroll,
-      llm=llm, vision=dict(tower)))
+      alignment=alignment, dtype=dtype, remat="none" if unrolled else remat,
+      scan_unroll=unroll, attention=attention, llm=llm, vision=dict(tower)))
 
 
 def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
@@ -98,22 +114,28 @@ def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
   }
 
 
-def timed(fn, repeats: int, warmup: int = 2, setup=None, warmup_s: float = 1.0) -> dict:
-  """fn() -> result (blocked on). Median and quartiles in ms. `setup()`, untimed, runs
-  before every call. Warm-up runs at least `warmup` calls and `warmup_s` seconds: on
-  this CPU the first ~0.5 s of calls of a fresh program run up to 2x slow."""
+def timed(fn, repeats: int, warmup: int = 2, setup=None, warmup_s: float = 1.0,
+          sync=None) -> dict:
+  """fn() -> result (blocked on; or `sync()` after it, for PyTorch on a GPU). Median and
+  quartiles in ms. `setup()`, untimed, runs before every call. Warm-up runs at least
+  `warmup` calls and `warmup_s` seconds: on this CPU the first ~0.5 s of calls of a
+  fresh program run up to 2x slow."""
+  def call():
+    jax.block_until_ready(fn())
+    if sync:
+      sync()
   start, calls = time.perf_counter(), 0
   while calls < warmup or time.perf_counter() - start < warmup_s:
     if setup:
       setup()
-    jax.block_until_ready(fn())
+    call()
     calls += 1
   times = []
   for _ in range(repeats):
     if setup:
       setup()
     t = time.perf_counter()
-    jax.block_until_ready(fn())
+    call()
     times.append(1000 * (time.perf_counter() - t))
   q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
   return {"ms": statistics.median(times), "p25": q[0], "p75": q[2]}
@@ -129,9 +151,10 @@ def compiled_stats(jitted, counted, *args) -> dict:
 
 
 def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: int,
-              repeats: int, train_tower: bool = False) -> dict:
-  model, cfg = build(model_config(preset, alignment))
-  counted, _ = build(model_config(preset, alignment, unrolled=True))
+              repeats: int, train_tower: bool = False, **model_kw) -> dict:
+  """model_kw: dtype, remat, llm_layers, attention (model_config)."""
+  model, cfg = build(model_config(preset, alignment, **model_kw))
+  counted, _ = build(model_config(preset, alignment, unrolled=True, **model_kw))
   data = {k: jnp.asarray(v) for k, v in bench_batch(cfg, batch, text).items()}
   infer = {k: v for k, v in data.items() if k not in ("targets", "loss_mask")}
   params = jax.jit(model.init)(jax.random.key(0), infer)["params"]
@@ -191,19 +214,26 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   out["decode"] = {"ms": run["ms"] / decode_steps, "p25": run["p25"] / decode_steps,
                    "p75": run["p75"] / decode_steps, **stats,
                    "tokens_per_s": batch * decode_steps / (run["ms"] / 1000)}
+  peak = peak_tflops(jax.devices()[0].device_kind)
   for v in out.values():
     v["gflop_per_s"] = v["gflops"] / (v["ms"] / 1000) if v.get("gflops") else None
+    # Model FLOPs (counted without remat) over the device's dense bf16 peak.
+    v["mfu"] = v["gflop_per_s"] / (1000 * peak) if peak and v["gflop_per_s"] else None
   return out
 
 
 def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: int,
-                train_tower: bool = False) -> dict:
-  """HF LlavaForConditionalGeneration on the same shapes (what a user would pick)."""
+                train_tower: bool = False, dtype: str = "float32", llm_layers: int = 0) -> dict:
+  """HF LlavaForConditionalGeneration on the same shapes (what a user would pick), on
+  the GPU when torch sees one."""
   import torch
   import transformers
 
   torch.set_num_threads(os.cpu_count() or 1)
-  mc = model_config(preset, "llava")
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  sync = torch.cuda.synchronize if device == "cuda" else None
+  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  mc = model_config(preset, "llava", llm_layers=llm_layers)
   llm, vis = mc.llm, mc.vision
   image_token = llm.vocab_size  # one extra id for <image>
   text_cfg = transformers.LlamaConfig(
@@ -216,29 +246,29 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
       hidden_size=vis.hidden_size, intermediate_size=vis.intermediate_size,
       num_hidden_layers=vis.num_layers, num_attention_heads=vis.num_heads,
       image_size=vis.image_size, patch_size=vis.patch_size)
+  # select_layer counts like HF's hidden_states index (see models/clip.py).
   cfg = transformers.LlavaConfig(vision_config=vis_cfg, text_config=text_cfg,
-                                 image_token_index=image_token, vision_feature_layer=-1,
+                                 image_token_index=image_token,
+                                 vision_feature_layer=vis.select_layer,
                                  vision_feature_select_strategy="default")
-  model = transformers.LlavaForConditionalGeneration(cfg).float()
+  model = transformers.LlavaForConditionalGeneration(cfg).to(device=device, dtype=tdtype)
   nv = (vis.image_size // vis.patch_size) ** 2
-  if vis.select_layer != -1:
-    raise ValueError("the HF peer is built with vision_feature_layer=-1")
   rng = np.random.default_rng(0)
   lead = 8
   ids = rng.integers(3, llm.vocab_size, (batch, text))
   ids = np.concatenate([ids[:, :lead], np.full((batch, nv), image_token), ids[:, lead:]], 1)
-  ids = torch.from_numpy(ids).long()
+  ids = torch.from_numpy(ids).long().to(device)
   pixels = torch.from_numpy(rng.normal(size=(batch, 3, vis.image_size, vis.image_size))
-                            .astype(np.float32))
+                            .astype(np.float32)).to(device=device, dtype=tdtype)
   labels = ids.clone()
   labels[:, :lead + nv] = -100
   out = {}
   model.eval()
   with torch.no_grad():
     out["forward"] = timed(lambda: model(input_ids=ids, pixel_values=pixels, use_cache=False
-                                         ).logits, repeats)
+                                         ).logits, repeats, sync=sync)
     out["prefill"] = timed(lambda: model(input_ids=ids, pixel_values=pixels, use_cache=True
-                                         ).logits, repeats)
+                                         ).logits, repeats, sync=sync)
     res = model(input_ids=ids, pixel_values=pixels, use_cache=True)
 
     def decode_run():
@@ -249,7 +279,7 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
         o = model(input_ids=tok, past_key_values=past, use_cache=True)
         past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
       return tok
-    run = timed(decode_run, max(2, repeats // 2), warmup=1)
+    run = timed(decode_run, max(2, repeats // 2), warmup=1, sync=sync)
     out["decode"] = {"ms": run["ms"] / decode_steps, "p25": run["p25"] / decode_steps,
                      "p75": run["p75"] / decode_steps,
                      "tokens_per_s": batch * decode_steps / (run["ms"] / 1000)}
@@ -266,12 +296,14 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
     torch.nn.utils.clip_grad_norm_(trained, 1.0)
     opt.step()
     return loss.detach()
-  out["train_step"] = timed(train_step, repeats)
+  out["train_step"] = timed(train_step, repeats, sync=sync)
+  out["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   return out
 
 
 def bench_torch_process(preset: str, batch: int, text: int, decode_steps: int, repeats: int,
-                        train_tower: bool = False) -> dict:
+                        train_tower: bool = False, dtype: str = "float32",
+                        llm_layers: int = 0) -> dict:
   """bench_torch in its own process, with the malloc settings a PyTorch user has: the
   hugetlb tunable that speeds up XLA:CPU made the HF train step ~19% slower here
   (5.27 -> 6.27 s at smollm2), and the JAX runtime's threads stay out of its way."""
@@ -283,7 +315,8 @@ def bench_torch_process(preset: str, batch: int, text: int, decode_steps: int, r
     out = os.path.join(tmp, "torch.json")
     code = ("import json, sys; from saisa_jax.tools.bench import bench_torch; "
             "json.dump(bench_torch(*json.loads(sys.argv[1])), open(sys.argv[2], 'w'))")
-    args = json.dumps([preset, batch, text, decode_steps, repeats, train_tower])
+    args = json.dumps([preset, batch, text, decode_steps, repeats, train_tower, dtype,
+                       llm_layers])
     proc = subprocess.run([sys.executable, "-c", code, args, out], env=env)
     if proc.returncode:
       raise SystemExit(f"saisa-bench: the HF PyTorch peer failed at preset {preset!r} "
@@ -346,15 +379,25 @@ def _main(argv):
     results[preset] = {}
     for alignment in ALIGNMENTS:
       print(f"[bench] {preset} {alignment}", flush=True)
-      results[preset][alignment] = bench_jax(preset, alignment, _BATCH.value, _TEXT.value,
-                                             _DECODE.value, _REPEATS.value,
-                                             _TRAIN_TOWER.value)
+      results[preset][alignment] = bench_jax(
+          preset, alignment, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
+          _TRAIN_TOWER.value, dtype=_DTYPE.value, remat=_REMAT.value,
+          llm_layers=_LLM_LAYERS.value, attention=_ATTENTION.value)
     if _TORCH.value:
       print(f"[bench] {preset} hf_llava (PyTorch)", flush=True)
-      results[preset]["hf_llava"] = bench_torch_process(preset, _BATCH.value, _TEXT.value,
-                                                        _DECODE.value, _REPEATS.value,
-                                                        _TRAIN_TOWER.value)
-  meta = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+      results[preset]["hf_llava"] = bench_torch_process(
+          preset, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
+          _TRAIN_TOWER.value, _DTYPE.value, _LLM_LAYERS.value)
+  kind = jax.devices()[0].device_kind
+  for by_model in results.values():  # HF runs the llava model: the same model FLOPs
+    hf, ours = by_model.get("hf_llava"), by_model["llava"]
+    for op in OPS if hf and hf.get("device", "cpu") != "cpu" else ():
+      if ours[op].get("mfu"):
+        hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
+  meta = {"device": kind, "cpu_count": os.cpu_count(), "peak_tflops": peak_tflops(kind),
+          "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": _ATTENTION.value,
+          "llm_layers": {p: model_config(p, "llava", llm_layers=_LLM_LAYERS.value
+                                         ).llm.num_layers for p in results},
           "batch": _BATCH.value, "text": _TEXT.value,
           "trainable": trainable_pattern(_TRAIN_TOWER.value),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
@@ -367,6 +410,12 @@ def _main(argv):
     f.write(table + "\n")
   plot(results, os.path.join(_OUT.value, "bench.png"))
   print(table)
+  for preset, by_model in results.items():
+    if by_model["saisa"]["train_step"].get("mfu"):
+      print(f"{preset} on {kind}: train-step MFU " + ", ".join(
+          f"{n} {r['train_step']['mfu']:.3f}" for n, r in by_model.items()
+          if r["train_step"].get("mfu")) + "; decode tokens/s " + ", ".join(
+          f"{n} {r['decode']['tokens_per_s']:.0f}" for n, r in by_model.items()))
   ratio = lambda op: max(r["saisa"][op]["ms"] / r["llava"][op]["ms"] for r in results.values())
   print(f"prefill saisa/llava: {ratio('prefill'):.3f}")
   print(f"train step saisa/llava: {ratio('train_step'):.3f}")
