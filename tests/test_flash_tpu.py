@@ -63,6 +63,32 @@ def test_saisa_mask_gqa_padding_and_skipped_tiles():
   _check(q, k, v, q_pos, jnp.zeros(q_pos.shape, bool), k_pos, k_vis, k_valid, "saisa")
 
 
+@pytest.mark.parametrize("kv_inner", [True, False])
+def test_skipped_tiles_repeat_the_last_block_so_nothing_is_copied(kv_inner):
+  """_fetch_map: along the inner axis a tile with a visible key reads its own block; a
+  skipped one repeats the block read last (the first visible one before any), so the
+  blocks copied per row are exactly its visible tiles."""
+  from saisa_jax.models.flash_tpu import _fetch_map, _pad_mask, _tile_bounds
+  q, k, v, q_pos, k_pos, k_vis, k_valid = _problem(0, b=2, tq=600, n_vis=300)
+  pm = masks.position_mask(q_pos, jnp.zeros(q_pos.shape, bool), k_pos, k_vis, k_valid, "saisa")
+  bq = bk = 128
+  pm = _pad_mask(pm, 640, 1024)
+  nq, nk = 5, 8
+  qmax, kmin = _tile_bounds(pm, bq, bk)
+  vis = np.asarray(kmin).reshape(2, 1, nk) <= np.asarray(qmax).reshape(2, nq, 1)
+  vis = vis if kv_inner else vis.swapaxes(1, 2)
+  fetch = np.asarray(_fetch_map(qmax, kmin, 2, nq, nk, kv_inner)).reshape(vis.shape)
+  skipped = 0
+  for row_vis, row in zip(vis.reshape(-1, vis.shape[2]), fetch.reshape(-1, vis.shape[2])):
+    first = int(np.argmax(row_vis)) if row_vis.any() else 0
+    for n, (seen, blk) in enumerate(zip(row_vis, row)):
+      assert blk == (n if seen else (row[n - 1] if n else first))
+    copies = 1 + int(np.sum(row[1:] != row[:-1]))
+    assert copies == max(int(row_vis.sum()), 1)
+    skipped += int((~row_vis).sum())
+  assert skipped > 0  # the problem has hidden tiles: text before the image, causal keys
+
+
 @pytest.mark.parametrize("alignment", ["llava", "naavit"])
 def test_llava_and_naavit_masks_over_shuffled_rows(alignment):
   """Rows = keys (visual and text in one sequence), in a shuffled order: the mask comes

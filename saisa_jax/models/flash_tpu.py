@@ -13,10 +13,12 @@ the tile's rows and columns, with the one rule of masks.attention_mask:
 
 so every alignment (llava's causal rows, naavit's exclusions, saisa's [visual; text]
 keys for text queries, padding, multi-image and text-only rows, the tower's full mask)
-is one kernel. The compute of whole tiles with no visible key is skipped (min key
-position of the tile > max query position: the causal half of llava, text before an
-image in saisa; their blocks are still fetched); those per-tile bounds are computed in
-XLA and reach the kernel as scalar prefetch.
+is one kernel. Whole tiles with no visible key (min key position of the tile > max query
+position: the causal half of llava, text before an image in saisa) are skipped, both
+their compute and their copies from HBM: a skipped tile's block index repeats the
+previous one (`_fetch_map`), and Pallas' pipeline does not copy a block it already
+holds. The per-tile bounds and that map are computed in XLA and reach the kernel as
+scalar prefetch.
 
 Online softmax forward (FlashAttention-2); the backward recomputes the probabilities
 from the saved log-sum-exp, in two kernels: dQ (keys innermost) and dK/dV (queries
@@ -66,7 +68,7 @@ def _dot_tn(a, b):
 
 
 # ---------------------------------------------------------------- forward kernel
-def _fwd_kernel(qmax_ref, kmin_ref, q_ref, k_ref, v_ref, qi_ref, ki_ref,
+def _fwd_kernel(qmax_ref, kmin_ref, fetch_ref, q_ref, k_ref, v_ref, qi_ref, ki_ref,
                 o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, naavit, nq, nk):
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -108,6 +110,21 @@ def _tile_bounds(mask: PositionMask, bq: int, bk: int):
   return qmax.reshape(-1), kmin.reshape(-1)
 
 
+def _fetch_map(qmax, kmin, b: int, nq: int, nk: int, kv_inner: bool):
+  """Which block each grid step reads along its inner (reduction) axis, flattened
+  int32[B * outer * inner]: the step's own block where the tile has a visible key, else
+  the block read last (the first visible one before any is read), so the pipeline skips
+  the copy. kv_inner: (query tile i, key tile j) order, keys inner; else keys outer."""
+  vis = kmin.reshape(b, 1, nk) <= qmax.reshape(b, nq, 1)        # [B, nq, nk]
+  if not kv_inner:
+    vis = vis.swapaxes(1, 2)                                     # [B, nk, nq]
+  inner = vis.shape[2]
+  steps = jnp.arange(inner, dtype=jnp.int32)
+  last = jax.lax.cummax(jnp.where(vis, steps, -1), axis=2)
+  first = jnp.argmax(vis, axis=2).astype(jnp.int32)[..., None]   # 0 when none is visible
+  return jnp.where(last >= 0, last, first).reshape(-1)
+
+
 def _pad_mask(mask: PositionMask, tq: int, tk: int) -> PositionMask:
   """Padded query rows see nothing (position -1), padded keys are invalid."""
   q = jnp.pad(mask.q_info, ((0, 0), (0, tq - mask.q_info.shape[1])), constant_values=-2)
@@ -116,19 +133,25 @@ def _pad_mask(mask: PositionMask, tq: int, tk: int) -> PositionMask:
   return PositionMask(q, k, mask.naavit)
 
 
-def _specs(bq, bk, d, g, kv_inner: bool):
-  """BlockSpecs of q, k, v, q_info, k_info over grid (B, H, outer, inner)."""
+def _specs(bq, bk, d, g, kv_inner: bool, n_outer: int, n_inner: int):
+  """BlockSpecs of q, k, v, q_info, k_info over grid (B, H, outer, inner); the inner
+  axis's blocks come from _fetch_map (the third scalar-prefetch operand)."""
+  def inner(b, o, n, fetch):
+    return fetch[(b * n_outer + o) * n_inner + n]
   if kv_inner:
-    qb = lambda i, j: i
-    kb = lambda i, j: j
+    qb = lambda b, o, n, fetch: o
+    kb = inner
   else:
-    qb = lambda i, j: j
-    kb = lambda i, j: i
-  q = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, qb(i, j), 0))
-  kv = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, *_: (b, jax.lax.div(h, g), kb(i, j), 0))
-  qi = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, *_: (b, qb(i, j), 0))
-  ki = pl.BlockSpec((None, 1, bk), lambda b, h, i, j, *_: (b, 0, kb(i, j)))
-  row = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, *_: (b, h, qb(i, j), 0))
+    qb = inner
+    kb = lambda b, o, n, fetch: o
+  q = pl.BlockSpec((None, None, bq, d),
+                   lambda b, h, o, n, qm, km, f: (b, h, qb(b, o, n, f), 0))
+  kv = pl.BlockSpec((None, None, bk, d),
+                    lambda b, h, o, n, qm, km, f: (b, jax.lax.div(h, g), kb(b, o, n, f), 0))
+  qi = pl.BlockSpec((None, bq, 1), lambda b, h, o, n, qm, km, f: (b, qb(b, o, n, f), 0))
+  ki = pl.BlockSpec((None, 1, bk), lambda b, h, o, n, qm, km, f: (b, 0, kb(b, o, n, f)))
+  row = pl.BlockSpec((None, None, bq, 1),
+                     lambda b, h, o, n, qm, km, f: (b, h, qb(b, o, n, f), 0))
   return q, kv, qi, ki, row
 
 
@@ -143,12 +166,13 @@ def _forward(q, k, v, qi, ki, qmax, kmin, naavit, bq, bk, interpret):
   b, h, tq, d = q.shape
   hkv, tk = k.shape[1], k.shape[2]
   nq, nk = tq // bq, tk // bk
-  q_spec, kv_spec, qi_spec, ki_spec, row_spec = _specs(bq, bk, d, h // hkv, True)
+  q_spec, kv_spec, qi_spec, ki_spec, row_spec = _specs(bq, bk, d, h // hkv, True, nq, nk)
+  fetch = _fetch_map(qmax, kmin, b, nq, nk, kv_inner=True)
   kernel = functools.partial(_fwd_kernel, scale=d ** -0.5, naavit=naavit, nq=nq, nk=nk)
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(b, h, nq, nk),
+          num_scalar_prefetch=3, grid=(b, h, nq, nk),
           in_specs=[q_spec, kv_spec, kv_spec, qi_spec, ki_spec],
           out_specs=[q_spec, row_spec],
           scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
@@ -160,7 +184,7 @@ def _forward(q, k, v, qi, ki, qmax, kmin, naavit, bq, bk, interpret):
                                     transcendentals=b * h * tq * tk,
                                     bytes_accessed=q.nbytes * 2 + (k.nbytes + v.nbytes) * nq),
       interpret=interpret, name="saisa_flash_fwd",
-  )(qmax, kmin, q, k, v, qi, ki)
+  )(qmax, kmin, fetch, q, k, v, qi, ki)
 
 
 # ---------------------------------------------------------------- backward kernels
@@ -174,7 +198,7 @@ def _tile_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qi_ref, ki_ref,
   return p, p * (dp - delta_ref[...])
 
 
-def _dq_kernel(qmax_ref, kmin_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dq_kernel(qmax_ref, kmin_ref, fetch_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                qi_ref, ki_ref, dq_ref, dq_sc, *, scale, naavit, nq, nk):
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -195,7 +219,7 @@ def _dq_kernel(qmax_ref, kmin_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_r
     dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(qmax_ref, kmin_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dkv_kernel(qmax_ref, kmin_ref, fetch_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                 qi_ref, ki_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, naavit, nq, nk):
   b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)  # keys outer
 
@@ -224,15 +248,16 @@ def _backward(q, k, v, o, lse, do, qi, ki, qmax, kmin, naavit, bq, bk, interpret
   nq, nk = tq // bq, tk // bk
   scale = d ** -0.5
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-  args = (qmax, kmin, q, k, v, do, lse, delta, qi, ki)
+  args = (q, k, v, do, lse, delta, qi, ki)
   flops = 8 * b * h * tq * tk * d
   statics = dict(scale=scale, naavit=naavit, nq=nq, nk=nk)
 
-  q_spec, kv_spec, qi_spec, ki_spec, row_spec = _specs(bq, bk, d, g, True)
+  q_spec, kv_spec, qi_spec, ki_spec, row_spec = _specs(bq, bk, d, g, True, nq, nk)
+  fetch = _fetch_map(qmax, kmin, b, nq, nk, kv_inner=True)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **statics),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(b, h, nq, nk),
+          num_scalar_prefetch=3, grid=(b, h, nq, nk),
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, qi_spec, ki_spec],
           out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -240,15 +265,16 @@ def _backward(q, k, v, o, lse, do, qi, ki, qmax, kmin, naavit, bq, bk, interpret
       cost_estimate=pl.CostEstimate(flops=flops * 3 // 8, transcendentals=b * h * tq * tk,
                                     bytes_accessed=q.nbytes * 3 + (k.nbytes + v.nbytes) * nq),
       interpret=interpret, name="saisa_flash_dq",
-  )(*args)
+  )(qmax, kmin, fetch, *args)
 
-  q_spec, kv_spec, qi_spec, ki_spec, row_spec = _specs(bq, bk, d, g, False)
+  q_spec, kv_spec, qi_spec, ki_spec, row_spec = _specs(bq, bk, d, g, False, nk, nq)
+  fetch = _fetch_map(qmax, kmin, b, nq, nk, kv_inner=False)
   # dK/dV per query head (block h // g reads its kv head; written per h, summed below).
   dkv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h_, j, i, *_: (b_, h_, j, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **statics),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(b, h, nk, nq),
+          num_scalar_prefetch=3, grid=(b, h, nk, nq),
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, qi_spec, ki_spec],
           out_specs=[dkv_spec, dkv_spec],
           scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
@@ -257,7 +283,7 @@ def _backward(q, k, v, o, lse, do, qi, ki, qmax, kmin, naavit, bq, bk, interpret
       cost_estimate=pl.CostEstimate(flops=flops * 5 // 8, transcendentals=b * h * tq * tk,
                                     bytes_accessed=q.nbytes * 3 * nk + (k.nbytes + v.nbytes) * 2),
       interpret=interpret, name="saisa_flash_dkv",
-  )(*args)
+  )(qmax, kmin, fetch, *args)
   if g > 1:
     dk = dk.reshape(b, hkv, g, tk, d).sum(2, dtype=jnp.float32).astype(k.dtype)
     dv = dv.reshape(b, hkv, g, tk, d).sum(2, dtype=jnp.float32).astype(v.dtype)
