@@ -107,3 +107,40 @@ def test_causal_blocks_in_bfloat16_stay_close_to_float32():
   for g_lo, g_hi in zip(jax.grad(f, (0, 1, 2))(*lo), jax.grad(f, (0, 1, 2))(q, k, v)):
     assert g_lo.dtype == jnp.bfloat16
     np.testing.assert_allclose(g_lo.astype(jnp.float32), g_hi, atol=0.1 * float(np.abs(g_hi).max()), rtol=0)
+
+
+def test_dot_product_equals_einsum_forward_and_gradients():
+  """attention=dot_product (jax.nn.dot_product_attention, XLA) under the same bias."""
+  q, k, v, mask = _inputs(tq=9, tk=13)
+  bias = mask_bias(mask)
+  loss = lambda impl: lambda q, k, v: (attend(q, k, v, bias, impl) ** 2).sum()
+  np.testing.assert_allclose(attend(q, k, v, bias, "dot_product"), attend(q, k, v, bias),
+                             rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.grad(loss("dot_product"), (0, 1, 2))(q, k, v),
+                  jax.grad(loss("einsum"), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_needs_half_precision_and_head_dims_it_supports():
+  from saisa_jax.models.config import LlamaConfig, ModelConfig, VisionConfig
+  llm = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
+                    num_heads=4, num_kv_heads=2)
+  vis = VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                     num_layers=1, num_heads=4)
+  with pytest.raises(ValueError, match="model.dtype=bfloat16"):
+    ModelConfig(llm, vis, attention="cudnn")
+  ModelConfig(llm, vis, attention="cudnn", dtype="bfloat16")  # head dims 16 and 8
+  odd = VisionConfig(image_size=32, patch_size=8, hidden_size=36, intermediate_size=64,
+                     num_layers=1, num_heads=3)
+  with pytest.raises(ValueError, match="model.vision has 12"):
+    ModelConfig(llm, odd, attention="cudnn", dtype="bfloat16")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU: JAX_PLATFORMS=cuda pytest -k cudnn")
+def test_cudnn_on_gpu_equals_einsum_in_bfloat16():
+  q, k, v, mask = _inputs(tq=64, tk=96, d=64)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  bias = mask_bias(mask)
+  got = attend(q, k, v, bias, "cudnn").astype(jnp.float32)
+  want = attend(q, k, v, bias).astype(jnp.float32)
+  np.testing.assert_allclose(got, want, atol=3e-2, rtol=3e-2)

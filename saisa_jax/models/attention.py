@@ -47,7 +47,8 @@ def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
   in float32. A row with no visible key (padding) gets a finite, meaningless output.
 
   impl: "einsum" (explicit scores, the parity reference and fastest on CPU),
-  "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention on GPUs), "flash"
+  "dot_product" (jax.nn.dot_product_attention, XLA), "cudnn" (the same with cuDNN's
+  fused flash attention: NVIDIA GPUs, bf16/fp16; the -1e30 bias is exact in bf16), "flash"
   (flash_tpu.py: a Pallas TPU kernel; `bias` is then a flash_tpu.PositionMask, no
   [Q, K] array exists; `flash_block` rows/columns per tile) or "flash_interpret" (the
   same kernel through Pallas' interpreter: any backend, slow; for tests).
@@ -61,8 +62,13 @@ def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
   if bias is not None and not hasattr(bias, "dtype"):
     raise TypeError(f"attention {impl!r} takes the mask as a float bias, got "
                     f"{type(bias).__name__} (a PositionMask is for model.attention=flash)")
-  if impl == "dot_product":
-    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias[:, None])
+  if impl in ("dot_product", "cudnn"):
+    # jax picks XLA's implementation when none is named (jax 0.10), so cuDNN's fused
+    # kernel is asked for by name; it takes the bias in the inputs' dtype.
+    if bias is not None:
+      bias = bias[:, None].astype(q.dtype if impl == "cudnn" else bias.dtype)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, implementation="cudnn" if impl == "cudnn" else None)
   if impl != "einsum":
     raise ValueError(f"model.attention={impl!r}; choose one of {ATTENTION_IMPLS}")
   tq, tk = q.shape[1], k.shape[1]

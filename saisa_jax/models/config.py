@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-ATTENTION_IMPLS = ("einsum", "dot_product", "flash", "flash_interpret")  # attention.attend
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "flash", "flash_interpret")  # attend
 ALIGNMENTS = ("llava", "naavit", "saisa")
 
 
@@ -65,9 +65,10 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype; params are always float32
   remat: str = "none"           # none | full | dots | dots_no_batch
   scan_unroll: int = 1          # layers unrolled per scan step (num_layers: fully)
-  # einsum | dot_product (jax.nn.dot_product_attention, cuDNN on GPU) | flash (Pallas
-  # TPU kernel, mask as positions: models/flash_tpu.py) | flash_interpret (the same
-  # kernel interpreted, any backend; slow, for tests). Used by the decoder and the tower.
+  # einsum | dot_product (jax.nn.dot_product_attention, its XLA implementation) | cudnn
+  # (the same call with cuDNN's fused flash attention: NVIDIA GPUs, bf16/fp16) | flash
+  # (Pallas TPU kernel, mask as positions: models/flash_tpu.py) | flash_interpret (the
+  # same kernel interpreted, any backend; slow, for tests). Decoder and tower use it.
   attention: str = "einsum"
   # Flash attention tile (query rows = key columns), a multiple of 128.
   flash_block: int = 256
@@ -86,7 +87,17 @@ class ModelConfig:
       raise ValueError(f"model.alignment={self.alignment!r}; choose one of {ALIGNMENTS}")
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention={self.attention!r}; choose einsum, dot_product, "
-                       "flash (TPU) or flash_interpret")
+                       "cudnn (GPU), flash (TPU) or flash_interpret")
+    if self.attention == "cudnn":
+      if self.dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"model.attention=cudnn runs in bfloat16 or float16, but "
+                         f"model.dtype={self.dtype!r}; set model.dtype=bfloat16 (or use "
+                         "attention=dot_product / einsum in float32)")
+      for name, hd in (("llm", self.llm.dim_per_head),
+                       ("vision", self.vision.hidden_size // self.vision.num_heads)):
+        if hd % 8 or hd > 256:
+          raise ValueError(f"model.attention=cudnn needs head dims that are multiples of 8 "
+                           f"up to 256; model.{name} has {hd}: use attention=dot_product")
     if self.flash_block <= 0 or self.flash_block % 128:
       raise ValueError(f"model.flash_block={self.flash_block}; use a positive multiple of "
                        "128 (TPU lanes)")
