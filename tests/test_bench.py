@@ -45,9 +45,11 @@ def test_mfu_is_model_flops_over_the_device_peak(monkeypatch):
                         llm_layers=1)
   tr = out["train_step"]
   assert abs(tr["mfu"] - tr["gflops"] / (tr["ms"] / 1000) / 500) < 1e-9
-  plain = bench.model_config("default", "saisa", unrolled=True, remat="full")
-  timed_cfg = bench.model_config("default", "saisa", remat="full")
-  assert plain.remat == "none" and timed_cfg.remat == "full"
+  plain = bench.model_config("default", "saisa", unrolled=True, remat="full",
+                             attention="cudnn")
+  timed_cfg = bench.model_config("default", "saisa", remat="full", attention="cudnn")
+  assert (plain.remat, plain.attention) == ("none", "einsum")
+  assert (timed_cfg.remat, timed_cfg.attention) == ("full", "cudnn")
 
 
 def test_peaks_and_the_7b_width_preset():

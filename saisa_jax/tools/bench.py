@@ -86,7 +86,8 @@ def model_config(preset: str, alignment: str, unrolled: bool = False, dtype: str
                  remat: str = "none", llm_layers: int = 0,
                  attention: str = "einsum") -> ml_collections.ConfigDict:
   """scan_unroll 1 (as configs/saisa.py) for timing; `unrolled` for counting FLOPs, with
-  remat off there so the count is the model's FLOPs, not the recomputation's.
+  remat off there so the count is the model's FLOPs, not the recomputation's, and
+  einsum attention (XLA counts nothing inside a cuDNN or Pallas kernel).
   (Unrolling is also slower on XLA:CPU: each layer's weights get sliced out as copies.)"""
   llm_name, tower, layers = PRESETS[preset]
   llm = presets.lookup(presets.LLMS, llm_name, "llm")
@@ -94,7 +95,8 @@ def model_config(preset: str, alignment: str, unrolled: bool = False, dtype: str
   unroll = max(llm["num_layers"], tower["num_layers"]) if unrolled else 1
   return ml_collections.ConfigDict(dict(
       alignment=alignment, dtype=dtype, remat="none" if unrolled else remat,
-      scan_unroll=unroll, attention=attention, llm=llm, vision=dict(tower)))
+      scan_unroll=unroll, attention="einsum" if unrolled else attention, llm=llm,
+      vision=dict(tower)))
 
 
 def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:

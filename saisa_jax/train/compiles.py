@@ -22,8 +22,8 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 def shape_signature(batch: dict) -> tuple:
   """((key, shape, dtype), ...) of a host batch: what the step is specialised on."""
-  return tuple(sorted((k, tuple(np.shape(v)), str(getattr(v, "dtype", None) or
-                                                    np.asarray(v).dtype))
+  return tuple(sorted((k, tuple(np.shape(v)),
+                       str(v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype))
                       for k, v in batch.items()))
 
 
