@@ -69,6 +69,11 @@ def test_unknown_topology_is_a_clear_error(tmp_path):
   assert proc.returncode != 0 and "topology" in proc.stderr
 
 
+def test_cudnn_attention_is_refused_for_a_tpu(tmp_path):
+  proc, _ = run_compile(tmp_path, "cudnn", "--config.model.attention=cudnn")
+  assert proc.returncode != 0 and "attention=flash" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_flash_attention_config_compiles_with_mosaic_kernels(tmp_path):
   """model.attention=flash: the train step and prefill of the tiny config compile for
   v5e:2x2 with the Pallas kernels of models/flash_tpu.py, partitioned as shard_maps over
