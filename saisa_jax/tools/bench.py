@@ -393,7 +393,9 @@ def _main(argv):
   kind = jax.devices()[0].device_kind
   for by_model in results.values():  # HF runs the llava model: the same model FLOPs
     hf, ours = by_model.get("hf_llava"), by_model["llava"]
-    for op in OPS if hf and hf.get("device", "cpu") != "cpu" else ():
+    if not hf or hf.get("device", "cpu") == "cpu":
+      continue  # a CPU peer has no accelerator peak to compare with
+    for op in OPS:
       if ours[op].get("mfu"):
         hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
   meta = {"device": kind, "cpu_count": os.cpu_count(), "peak_tflops": peak_tflops(kind),

@@ -42,7 +42,6 @@ class CompileWatch:
     self.seen: set = set()
     self.compiles = 0      # XLA compilations of the step
     self.recompiles = 0    # ... of a shape signature compiled before
-    self.seconds = 0.0
     self._events: list | None = None
 
   def _listen(self, event: str, duration: float, **kw) -> None:
@@ -60,15 +59,14 @@ class CompileWatch:
     finally:
       jax.monitoring.unregister_event_duration_listener(self._listen)
       events, self._events = self._events, None
+    new = sig not in self.seen
+    self.seen.add(sig)
     if not events:
-      self.seen.add(sig)
       return
     secs = sum(events)
     self.compiles += len(events)
-    self.seconds += secs
     shapes = " ".join(f"{k}={'x'.join(map(str, s))}" for k, s, _ in sig)
-    if sig not in self.seen:
-      self.seen.add(sig)
+    if new:
       print(f"[{self.stage}] step {step}: compiled {self.fun_name} for batch shapes "
             f"[{shapes}] in {secs:.1f} s ({len(self.seen)} shape(s) so far)", flush=True)
       return
