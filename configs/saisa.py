@@ -3,10 +3,11 @@
   --config configs/saisa.py:llm=vicuna7b,alignment=llava
 Arguments: llm (tiny | smollm2_135m | vicuna7b | llama3_8b), tower (default: the
 LLM's), alignment (saisa | llava | naavit), dtype (float32 | bfloat16), remat,
-visual_pass (scan | vmap), attention (einsum | dot_product | cudnn: cuDNN's fused
+visual_pass (scan | vmap), attention (einsum | cpu: the fused C++ kernel for XLA:CPU,
+float32 | dot_product | cudnn: cuDNN's fused
 attention on NVIDIA GPUs, with dtype=bfloat16 | flash: the Pallas TPU kernel, mask as
 positions, tiles of --config.model.flash_block). Causal block
-skipping of einsum: --config.model.attention_block=N query rows per block (default 128;
+skipping of einsum and cpu: --config.model.attention_block=N query rows per block (default 128;
 0 turns it off).
 """
 from saisa_jax import presets

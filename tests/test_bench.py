@@ -3,6 +3,7 @@ of the README come from full runs of the tool): every model and operation is tim
 XLA FLOPs are counted, the files are written and the summary lines end the output."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +22,8 @@ def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
   assert report["meta"]["trainable"] == "^(decoder|projector)"
   if hugepages.wanted(os.environ):
     assert "glibc.malloc.hugetlb=1" in report["meta"]["glibc_tunables"]
+  # --attention auto: the C++ kernel on this CPU when a compiler exists.
+  assert report["meta"]["attention"]["default"] == ("cpu" if shutil.which("g++") else "einsum")
   assert set(res) == {"saisa", "naavit", "llava"}
   for name, ops in res.items():
     for op in ("forward", "train_step", "prefill", "decode"):

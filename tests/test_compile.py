@@ -69,8 +69,9 @@ def test_unknown_topology_is_a_clear_error(tmp_path):
   assert proc.returncode != 0 and "topology" in proc.stderr
 
 
-def test_cudnn_attention_is_refused_for_a_tpu(tmp_path):
-  proc, _ = run_compile(tmp_path, "cudnn", "--config.model.attention=cudnn")
+@pytest.mark.parametrize("impl", ["cudnn", "cpu"])
+def test_gpu_and_cpu_attention_kernels_are_refused_for_a_tpu(tmp_path, impl):
+  proc, _ = run_compile(tmp_path, impl, f"--config.model.attention={impl}")
   assert proc.returncode != 0 and "attention=flash" in proc.stderr, proc.stderr[-2000:]
 
 

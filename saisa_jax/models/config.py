@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn", "flash", "flash_interpret")  # attend
+ATTENTION_IMPLS = ("einsum", "cpu", "dot_product", "cudnn", "flash", "flash_interpret")  # attend
 ALIGNMENTS = ("llava", "naavit", "saisa")
 
 
@@ -65,7 +65,8 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype; params are always float32
   remat: str = "none"           # none | full | dots | dots_no_batch
   scan_unroll: int = 1          # layers unrolled per scan step (num_layers: fully)
-  # einsum | dot_product (jax.nn.dot_product_attention, its XLA implementation) | cudnn
+  # einsum | cpu (fused C++ kernel for XLA:CPU, float32: models/cpu_attention.py) |
+  # dot_product (jax.nn.dot_product_attention, its XLA implementation) | cudnn
   # (the same call with cuDNN's fused flash attention: NVIDIA GPUs, bf16/fp16) | flash
   # (Pallas TPU kernel, mask as positions: models/flash_tpu.py) | flash_interpret (the
   # same kernel interpreted, any backend; slow, for tests). Decoder and tower use it.
@@ -86,8 +87,15 @@ class ModelConfig:
     if self.alignment not in ALIGNMENTS:
       raise ValueError(f"model.alignment={self.alignment!r}; choose one of {ALIGNMENTS}")
     if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(f"model.attention={self.attention!r}; choose einsum, dot_product, "
-                       "cudnn (GPU), flash (TPU) or flash_interpret")
+      raise ValueError(f"model.attention={self.attention!r}; choose einsum, cpu (CPU), "
+                       "dot_product, cudnn (GPU), flash (TPU) or flash_interpret")
+    if self.attention == "cpu":
+      from saisa_jax.models.cpu_attention import supported_head_dim
+      for name, hd in (("llm", self.llm.dim_per_head),
+                       ("vision", self.vision.hidden_size // self.vision.num_heads)):
+        if not supported_head_dim(hd):
+          raise ValueError(f"model.attention=cpu needs head dims of 16, 32, 64, 128 or 256; "
+                           f"model.{name} has {hd}: use attention=einsum")
     if self.attention == "cudnn":
       if self.dtype not in ("bfloat16", "float16"):
         raise ValueError(f"model.attention=cudnn runs in bfloat16 or float16, but "

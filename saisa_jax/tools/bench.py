@@ -61,7 +61,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype of both stacks (params stay float32 in JAX).")
 _REMAT = flags.DEFINE_string("remat", "none", "model.remat of the timed train step.")
 _LLM_LAYERS = flags.DEFINE_integer("llm_layers", 0, "Decoder layers (0: the preset's).")
-_ATTENTION = flags.DEFINE_string("attention", "einsum", "model.attention (see models/config.py).")
+_ATTENTION = flags.DEFINE_string(
+    "attention", "auto", "model.attention (see models/config.py); auto: cpu (the fused C++ "
+    "kernel) on a CPU backend in float32 when a C++ compiler is found, else einsum.")
 
 # Parameters the train step updates (optim.trainable), as configs/saisa_train.py stage 2.
 STAGE2_TRAINABLE = "^(decoder|projector)"
@@ -80,6 +82,25 @@ PRESETS = {"tiny": ("tiny", BENCH_TOWER, None), "smollm2": ("smollm2_135m", BENC
            "default": ("tiny", presets.TOWERS["tiny"], None),
            "w7b": ("vicuna7b", presets.TOWERS["clip_l14_336"], 4)}
 ALIGNMENTS = ("saisa", "naavit", "llava")
+
+
+def resolve_attention(attention: str, preset: str, dtype: str) -> str:
+  """--attention auto -> the fastest implementation this backend has for the preset."""
+  if attention != "auto":
+    return attention
+  from saisa_jax.models import cpu_attention
+  llm_name, tower, _ = PRESETS[preset]
+  llm = presets.lookup(presets.LLMS, llm_name, "llm")
+  dims = (llm["hidden_size"] // llm["num_heads"], tower["hidden_size"] // tower["num_heads"])
+  if jax.default_backend() != "cpu" or dtype != "float32" or not all(
+      cpu_attention.supported_head_dim(d) for d in dims):
+    return "einsum"
+  try:
+    cpu_attention.ensure_registered()
+  except RuntimeError as e:
+    print(f"[bench] --attention auto: einsum ({str(e).splitlines()[0]})", flush=True)
+    return "einsum"
+  return "cpu"
 
 
 def model_config(preset: str, alignment: str, unrolled: bool = False, dtype: str = "float32",
@@ -374,17 +395,18 @@ def _main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
   os.makedirs(_OUT.value, exist_ok=True)
-  results = {}
+  results, attention = {}, {}
   for preset in _PRESETS.value:
     if preset not in PRESETS:
       raise SystemExit(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     results[preset] = {}
+    attention[preset] = resolve_attention(_ATTENTION.value, preset, _DTYPE.value)
     for alignment in ALIGNMENTS:
-      print(f"[bench] {preset} {alignment}", flush=True)
+      print(f"[bench] {preset} {alignment} (attention {attention[preset]})", flush=True)
       results[preset][alignment] = bench_jax(
           preset, alignment, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
           _TRAIN_TOWER.value, dtype=_DTYPE.value, remat=_REMAT.value,
-          llm_layers=_LLM_LAYERS.value, attention=_ATTENTION.value)
+          llm_layers=_LLM_LAYERS.value, attention=attention[preset])
     if _TORCH.value:
       print(f"[bench] {preset} hf_llava (PyTorch)", flush=True)
       results[preset]["hf_llava"] = bench_torch_process(
@@ -399,7 +421,7 @@ def _main(argv):
       if ours[op].get("mfu"):
         hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
   meta = {"device": kind, "cpu_count": os.cpu_count(), "peak_tflops": peak_tflops(kind),
-          "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": _ATTENTION.value,
+          "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": attention,
           "llm_layers": {p: model_config(p, "llava", llm_layers=_LLM_LAYERS.value
                                          ).llm.num_layers for p in results},
           "batch": _BATCH.value, "text": _TEXT.value,

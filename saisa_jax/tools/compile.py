@@ -392,9 +392,11 @@ def _main(argv):
 
   # ---------------- Shapes ----------------
   sc = stage_config(config, stage)
-  if sc.model.get("attention", "einsum") == "cudnn":
-    sys.exit("saisa-compile: model.attention=cudnn is cuDNN's GPU kernel and cannot run on "
-             "a TPU; compile with attention=einsum or attention=flash (the TPU kernel)")
+  kernel = {"cudnn": "cuDNN's GPU kernel", "cpu": "a C++ kernel for XLA:CPU"}.get(
+      sc.model.get("attention", "einsum"))
+  if kernel:
+    sys.exit(f"saisa-compile: model.attention={sc.model.attention} is {kernel} and cannot "
+             "run on a TPU; compile with attention=einsum or attention=flash (the TPU kernel)")
   image_size = sc.model.vision.image_size
   num_visual = (image_size // sc.model.vision.patch_size) ** 2
   images = int(sc.data.max_images)
