@@ -3,7 +3,7 @@ through XLA's FFI (float32, XLA:CPU).
 
 The kernel is compiled on first use with the system C++ compiler against the FFI
 headers that ship with jaxlib, for this machine's vector ISA (-march=native), into a
-cache keyed by the source, jaxlib and compiler (SAISA_KERNEL_CACHE, default
+cache keyed by the source, jaxlib, compiler and CPU features (SAISA_KERNEL_CACHE, default
 ~/.cache/saisa_jax/kernels). A missing compiler is a clear error naming the fix.
 
 Shapes: q float32[B, Q, H, D], k/v float32[B, K, Hkv, D], bias float32[B, Q, K] or None
@@ -45,6 +45,17 @@ def _compiler() -> str:
   return cxx
 
 
+def _cpu_flags() -> bytes:
+  """This CPU's feature flags: -march=native code must not be reused by a machine with
+  fewer (a home directory shared across a cluster's nodes)."""
+  try:
+    with open("/proc/cpuinfo", "rb") as f:
+      return next((line for line in f if line.startswith(b"flags")), b"")
+  except OSError:
+    import platform
+    return platform.processor().encode()
+
+
 def _build() -> str:
   """Path of the compiled kernel library, compiling it if this source, jaxlib and
   compiler have not been built yet."""
@@ -52,7 +63,7 @@ def _build() -> str:
   src = open(_SOURCE, "rb").read()
   flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
   key = hashlib.sha256(src + jaxlib.__version__.encode() + cxx.encode()
-                       + " ".join(flags).encode()).hexdigest()[:16]
+                       + " ".join(flags).encode() + _cpu_flags()).hexdigest()[:16]
   cache = os.environ.get("SAISA_KERNEL_CACHE",
                          os.path.join(os.path.expanduser("~"), ".cache", "saisa_jax", "kernels"))
   lib = os.path.join(cache, f"attention-{key}.so")

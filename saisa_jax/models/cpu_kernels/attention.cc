@@ -126,8 +126,7 @@ void scores(const float* a, int64_t a_stride, int nr, const float* bT, int64_t K
     }
 }
 
-// out[r][:] = alpha[r] * sum_{j < kend} p[r][j] * m[j][:] (m rows at stride m_stride);
-// `accumulate` adds to out instead of overwriting it.
+// out[r][:] = alpha[r] * sum_{j < kend} p[r][j] * m[j][:] (m rows at stride m_stride).
 template <int ND>
 void rows_times(const float* p, int64_t ks, int nr, const float* m, int64_t m_stride,
                 int64_t kend, const float* alpha, float* out, int64_t o_stride) {
