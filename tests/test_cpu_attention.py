@@ -16,6 +16,7 @@ from saisa_jax.batch import collate, pack_sample
 from saisa_jax.models.attention import attend, mask_bias
 from saisa_jax.models.build import build
 from saisa_jax.models.config import LlamaConfig, ModelConfig, VisionConfig
+from model_equality import assert_model_equals_einsum, close as _close
 from test_attention import textbook
 
 try:
@@ -23,12 +24,6 @@ try:
   ensure_registered()
 except RuntimeError as e:  # no C++ compiler on this machine: the kernel cannot exist here
   pytest.skip(str(e), allow_module_level=True)
-
-
-def _close(a, b, what, floor=1e-6):
-  a, b = np.asarray(a), np.asarray(b)
-  scale = max(np.abs(b).max(), floor)
-  assert np.abs(a - b).max() <= 1e-5 * scale, (what, np.abs(a - b).max(), scale)
 
 
 def _inputs(b=2, tq=21, tk=37, h=4, hkv=2, d=16, seed=0):
@@ -97,35 +92,11 @@ def test_head_dims_the_kernel_does_not_take_are_a_config_error():
                                 intermediate_size=64, num_layers=1, num_heads=2), attention="cpu")
 
 
-LLM = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
-                  num_heads=4, num_kv_heads=2)
-VISION = VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=48,
-                      num_layers=2, num_heads=2, select_layer=-1)
-
-
 @pytest.mark.parametrize("alignment", ["saisa", "llava", "naavit"])
 def test_model_with_cpu_kernel_equals_einsum(alignment):
   """Tower + decoder, mixed batch (image mid-text, text only, two images, padding) with
   causal skipping on: logits and parameter gradients equal the einsum path's."""
-  cfgs = [ModelConfig(LLM, VISION, alignment=alignment, attention=a, attention_block=4)
-          for a in ("einsum", "cpu")]
-  img = lambda s: np.random.default_rng(s).normal(size=(16, 16, 3)).astype(np.float32)
-  samples = [pack_sample([[1, 2, 3], img(0), [4, 5]], 4), pack_sample([[6, 7, 8, 9, 10, 11]], 4),
-             pack_sample([[1], img(1), [2], img(2), [3]], 4)]
-  batch = collate(samples, 8, 2, (16, 16))
-  models = [build(c)[0] for c in cfgs]
-  params = models[0].init(jax.random.key(0), batch)["params"]
-  valid = np.asarray(batch["text_mask"])[..., None]
-
-  def loss(model):
-    return lambda p: jnp.sum(model.apply({"params": p}, batch) * valid
-                             * jnp.linspace(-1, 1, LLM.vocab_size))
-  ref, got = (np.asarray(m.apply({"params": params}, batch)) * valid for m in models)
-  _close(got, ref, "logits")
-  g_ref, g_got = (jax.jit(jax.grad(loss(m)))(params) for m in models)
-  top = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_ref))
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got), jax.tree.leaves(g_ref)):
-    _close(a, b, jax.tree_util.keystr(path), 1e-2 * top)
+  assert_model_equals_einsum(alignment, "cpu", attention_block=4)
 
 
 def test_llava_mode_with_cpu_kernel_equals_hf_llava():

@@ -9,20 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saisa_jax.batch import collate, pack_sample
 from saisa_jax.models import masks
 from saisa_jax.models.attention import attend, mask_bias
-from saisa_jax.models.build import build
-from saisa_jax.models.config import LlamaConfig, ModelConfig, VisionConfig
 from saisa_jax.models.flash_tpu import flash_attend
-
-
-def _close(a, b, what, floor=1e-6):
-  """|a - b| <= 1e-5 * max(|b|, floor) (floor: the scale of a family of gradients, for
-  ones that are 0 in exact arithmetic, like a key bias's)."""
-  a, b = np.asarray(a), np.asarray(b)
-  scale = max(np.abs(b).max(), floor)
-  assert np.abs(a - b).max() <= 1e-5 * scale, (what, np.abs(a - b).max(), scale)
+from model_equality import assert_model_equals_einsum, close as _close
 
 
 def _problem(seed, b=2, tq=150, n_vis=140, h=4, hkv=2, d=32):
@@ -106,40 +96,12 @@ def test_no_mask_is_the_full_mask_of_the_tower():
   _close(flash_attend(q, k, v, None, interpret=True), attend(q, k, v, None), "tower")
 
 
-LLM = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
-                  num_heads=4, num_kv_heads=2)
-VISION = VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=48,
-                      num_layers=2, num_heads=2, select_layer=-1)
-
-
-def _image(seed):
-  return np.random.default_rng(seed).normal(size=(16, 16, 3)).astype(np.float32)
-
-
 @pytest.mark.parametrize("alignment", ["saisa", "llava", "naavit"])
 def test_model_with_flash_equals_einsum(alignment):
   """Whole model (tower + decoder), mixed batch (image in the middle, text only, two
   images, padding): logits and parameter gradients of model.attention=flash_interpret
   equal the einsum path's."""
-  cfgs = [ModelConfig(LLM, VISION, alignment=alignment, attention=a)
-          for a in ("einsum", "flash_interpret")]
-  samples = [pack_sample([[1, 2, 3], _image(0), [4, 5]], 4),
-             pack_sample([[6, 7, 8, 9, 10, 11]], 4),
-             pack_sample([[1], _image(1), [2], _image(2), [3]], 4)]
-  batch = collate(samples, 8, 2, (16, 16))
-  models = [build(c)[0] for c in cfgs]
-  params = models[0].init(jax.random.key(0), batch)["params"]
-  valid = np.asarray(batch["text_mask"])[..., None]
-
-  def loss(model):
-    return lambda p: jnp.sum(model.apply({"params": p}, batch) * valid
-                             * jnp.linspace(-1, 1, LLM.vocab_size))
-  ref, got = (np.asarray(m.apply({"params": params}, batch)) * valid for m in models)
-  _close(got, ref, "logits")
-  g_ref, g_got = (jax.grad(loss(m))(params) for m in models)
-  top = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_ref))
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got), jax.tree.leaves(g_ref)):
-    _close(a, b, jax.tree_util.keystr(path), 1e-2 * top)
+  assert_model_equals_einsum(alignment, "flash_interpret")
 
 
 MESH_CHECK = """
