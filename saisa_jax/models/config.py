@@ -83,6 +83,11 @@ class ModelConfig:
   # slightly faster at 2 layers (the embedded task).
   visual_pass: str = "scan"
 
+  def head_dims(self):
+    """(name, head dim) of the decoder and the tower: what attention kernels check."""
+    return (("llm", self.llm.dim_per_head),
+            ("vision", self.vision.hidden_size // self.vision.num_heads))
+
   def __post_init__(self):
     if self.alignment not in ALIGNMENTS:
       raise ValueError(f"model.alignment={self.alignment!r}; choose one of {ALIGNMENTS}")
@@ -91,8 +96,7 @@ class ModelConfig:
                        "dot_product, cudnn (GPU), flash (TPU) or flash_interpret")
     if self.attention == "cpu":
       from saisa_jax.models.cpu_attention import supported_head_dim
-      for name, hd in (("llm", self.llm.dim_per_head),
-                       ("vision", self.vision.hidden_size // self.vision.num_heads)):
+      for name, hd in self.head_dims():
         if not supported_head_dim(hd):
           raise ValueError(f"model.attention=cpu needs head dims of 16, 32, 64, 128 or 256; "
                            f"model.{name} has {hd}: use attention=einsum")
@@ -101,8 +105,7 @@ class ModelConfig:
         raise ValueError(f"model.attention=cudnn runs in bfloat16 or float16, but "
                          f"model.dtype={self.dtype!r}; set model.dtype=bfloat16 (or use "
                          "attention=dot_product / einsum in float32)")
-      for name, hd in (("llm", self.llm.dim_per_head),
-                       ("vision", self.vision.hidden_size // self.vision.num_heads)):
+      for name, hd in self.head_dims():
         if hd % 8 or hd > 256:
           raise ValueError(f"model.attention=cudnn needs head dims that are multiples of 8 "
                            f"up to 256; model.{name} has {hd}: use attention=dot_product")
