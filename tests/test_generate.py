@@ -1,5 +1,7 @@
 """KV-cache decoding equals recomputing the full forward at every step (all modes);
 batched prompts get the outputs they get alone."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -52,9 +54,13 @@ def _recompute(model, cfg, params, prompt, steps, forward):
   return tokens, np.stack(logits)
 
 
-@pytest.mark.parametrize("alignment", ["saisa", "llava", "naavit"])
-def test_kv_cache_equals_full_recompute(alignment):
+@pytest.mark.parametrize("alignment,serve_layout", [
+    ("saisa", "per_layer"), ("llava", "per_layer"), ("naavit", "per_layer"),
+    ("saisa", "stacked"), ("llava", "stacked")])
+def test_kv_cache_equals_full_recompute(alignment, serve_layout):
+  """Both serving layouts' decode paths (layer_layout.py) against the stacked forward."""
   model, cfg, params = _model(alignment)
+  model = model.clone(cfg=dataclasses.replace(model.cfg, serve_layout=serve_layout))
   samples = [pack_sample(p, cfg.num_visual) for p in PROMPTS]
   batch = collate(samples, max(len(s["tokens"]) for s in samples), 2, (16, 16))
   ids, logits = Generator(model, params).run_batch(

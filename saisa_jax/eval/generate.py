@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saisa_jax.batch import collate, pack_sample
+from saisa_jax.models.layer_layout import for_serving
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +42,11 @@ def sample_token(logits, rng, temperature: float, top_p: float):
 
 
 class Generator:
-  """Holds the jitted prefill / decode of one model (compiled once per shape)."""
+  """Holds the jitted prefill / decode of one model (compiled once per shape), in the
+  layer layout model.serve_layout names (layer_layout.for_serving: per layer on CPU)."""
 
   def __init__(self, model, params):
+    model, params = for_serving(model, params)
     self.model, self.params = model, params
     self._prefill = jax.jit(lambda p, b, size: model.apply({"params": p}, b, size,
                                                            method=model.prefill),

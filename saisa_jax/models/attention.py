@@ -217,7 +217,7 @@ def _probs(qh, kh, bias, tq: int):
   return p / jnp.sum(p, axis=-1, keepdims=True)
 
 
-def attend_cached(q, k_cache, v_cache, bias, k_new, v_new):
+def attend_cached(q, k_cache, v_cache, bias, k_new=None, v_new=None):
   """One decode step: attention over a KV cache plus the query's own new key.
 
   q float[B, 1, H, D]; k_cache float[B, Hkv, D, S] (keys stored transposed) and
@@ -225,7 +225,9 @@ def attend_cached(q, k_cache, v_cache, bias, k_new, v_new):
   matmuls over the cache as stored (read only: never copied, transposed or
   concatenated, so a step reads the cache once); bias float32[B, 1, S] over the cache
   slots; k_new/v_new float[B, 1, Hkv, D], the query token's own key/value (always
-  visible to itself). -> float[B, 1, H, D]. Equals `attend` over [cache; new].
+  visible to itself), or None when the cache already holds them (written before this
+  read, with the bias showing their slot). -> float[B, 1, H, D]. Equals `attend` over
+  [cache; new].
   """
   b, tq, h, d = q.shape
   hkv = k_cache.shape[1]
@@ -234,6 +236,10 @@ def attend_cached(q, k_cache, v_cache, bias, k_new, v_new):
   qh = q.reshape(b, tq, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, 1, D]
   cached = jnp.matmul(qh, k_cache[:, :, None].astype(dt),
                       preferred_element_type=jnp.float32) * scale + bias[:, None, None]
+  if k_new is None:
+    probs = jax.nn.softmax(cached, axis=-1)
+    out = jnp.matmul(probs.astype(dt), v_cache[:, :, None].astype(dt))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)
   own = jnp.einsum("bhgqd,bqhd->bhgq", qh, k_new.astype(dt),
                    preferred_element_type=jnp.float32)[..., None] * scale
   probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1)

@@ -48,6 +48,7 @@ class VisionTower(nn.Module):
   scan_unroll: int = 1
   attention: str = "einsum"
   flash_block: int = 256
+  layer_layout: str = "stacked"   # or per_layer: layers_0, layers_1, ... (layer_layout.py)
 
   @nn.compact
   def __call__(self, images):
@@ -70,7 +71,11 @@ class VisionTower(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c.hidden_size)), x], axis=1)
     x = x + pos.astype(x.dtype)[None]
     x = LayerNorm(c.layer_norm_eps, self.dtype, name="pre_layernorm")(x)
-    if c.layers_used:
+    if c.layers_used and self.layer_layout == "per_layer":
+      for i in range(c.layers_used):
+        x, _ = VisionLayer(c, self.dtype, self.attention, self.flash_block,
+                           name=f"layers_{i}")(x, None)
+    elif c.layers_used:
       stack = nn.scan(maybe_remat(VisionLayer, self.remat), variable_axes={"params": 0},
                       split_rngs={"params": True}, length=c.layers_used,
                       unroll=min(self.scan_unroll, c.layers_used), metadata_params=stack_axes())

@@ -58,7 +58,7 @@ class SaisaModel(nn.Module):
   def setup(self):
     dt = dtype_of(self.cfg.dtype)
     self.vision = VisionTower(self.cfg.vision, dt, self.cfg.remat, self.cfg.scan_unroll,
-                              self.cfg.attention, self.cfg.flash_block)
+                              self.cfg.attention, self.cfg.flash_block, self.cfg.layer_layout)
     if self.cfg.alignment in ("llava", "naavit"):
       self.projector = MLPProjector(self.cfg.llm.hidden_size, dt)
     self.decoder = Decoder(self.cfg)
@@ -145,7 +145,8 @@ class SaisaModel(nn.Module):
       pos    int32[B, S]  valid bool[B, S]
       write  int32[B]  next free slot      next_pos int32[B]  next sequence position
     In saisa mode the visual slots come from the batched visual pass; decode steps
-    then cost text only."""
+    then cost text only. With model.layer_layout=per_layer, k and v are lists of the
+    layers' [B, ...] arrays (each its own buffer: a decode step slices nothing)."""
     x, (k, v), k_pos, k_valid = self._forward(batch, return_kv=True)
     b, keys = k_pos.shape
     if cache_size < keys:
@@ -153,9 +154,18 @@ class SaisaModel(nn.Module):
     pad = cache_size - keys
     lengths = batch["text_mask"].sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
+    if isinstance(k, list):  # per layer [B, K, Hkv, hd]
+      # Unordered, XLA:CPU runs each layer's cache copy beside the next layers'
+      # matmuls, which then wait on their slowest thread (smollm2 prefill +13%); the
+      # barrier makes the copies wait for the last layer.
+      x, k, v = jax.lax.optimization_barrier((x, k, v))
+      k = [jnp.pad(a.transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),)) for a in k]
+      v = [jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0),) * 2 + ((0, pad), (0, 0))) for a in v]
+    else:
+      k = jnp.pad(k.transpose(0, 1, 3, 4, 2), ((0, 0),) * 4 + ((0, pad),))
+      v = jnp.pad(v.transpose(0, 1, 3, 2, 4), ((0, 0),) * 3 + ((0, pad), (0, 0)))
     cache = {
-        "k": jnp.pad(k.transpose(0, 1, 3, 4, 2), ((0, 0),) * 4 + ((0, pad),)),
-        "v": jnp.pad(v.transpose(0, 1, 3, 2, 4), ((0, 0),) * 3 + ((0, pad), (0, 0))),
+        "k": k, "v": v,
         "pos": jnp.pad(k_pos, ((0, 0), (0, pad))),
         "valid": jnp.pad(k_valid, ((0, 0), (0, pad))),
         # Slot keys - L + length_b and all after it were never valid: row b's keys
@@ -173,17 +183,26 @@ class SaisaModel(nn.Module):
     and copies none of it."""
     rows = jnp.arange(tokens.shape[0])
     pos, write = cache["next_pos"], cache["write"]
+    k_pos = cache["pos"].at[rows, write].set(pos)
+    k_valid = cache["valid"].at[rows, write].set(True)
+    per_layer = isinstance(cache["k"], list)
     no = jnp.zeros(cache["pos"].shape, bool)
-    mask = attention_mask(pos[:, None], no[:, :1], cache["pos"], no, cache["valid"],
-                          self.cfg.alignment)
+    # Per layer, each layer writes its new key into the cache before reading it, so
+    # the mask shows the new slot; stacked, the token's own key is a separate term.
+    mask = attention_mask(pos[:, None], no[:, :1], k_pos if per_layer else cache["pos"], no,
+                          k_valid if per_layer else cache["valid"], self.cfg.alignment)
     x = self.decoder.embed(tokens[:, None])
-    x, (k, v) = self.decoder(x, pos[:, None], mask_bias(mask), (cache["k"], cache["v"]),
-                             return_kv=True, decode=True)
-    # k, v [layers, B, 1, Hkv, hd]; the indexed slots are [B, layers, Hkv, hd].
-    new_k, new_v = (jnp.moveaxis(a[:, :, 0], 1, 0) for a in (k, v))
-    cache = {"k": cache["k"].at[:, rows, :, :, write].set(new_k.astype(cache["k"].dtype)),
-             "v": cache["v"].at[:, rows, :, write].set(new_v.astype(cache["v"].dtype)),
-             "pos": cache["pos"].at[rows, write].set(pos),
-             "valid": cache["valid"].at[rows, write].set(True),
+    kv_in = (cache["k"], cache["v"]) + ((write,) if per_layer else ())
+    x, (k, v) = self.decoder(x, pos[:, None], mask_bias(mask), kv_in, return_kv=True,
+                             decode=True)
+    if per_layer:  # the layers returned their updated caches
+      ck, cv = k, v
+    else:
+      # k, v [layers, B, 1, Hkv, hd]; the indexed slots are [B, layers, Hkv, hd].
+      new_k, new_v = (jnp.moveaxis(a[:, :, 0], 1, 0) for a in (k, v))
+      ck = cache["k"].at[:, rows, :, :, write].set(new_k.astype(cache["k"].dtype))
+      cv = cache["v"].at[:, rows, :, write].set(new_v.astype(cache["v"].dtype))
+    cache = {"k": ck, "v": cv,
+             "pos": k_pos, "valid": k_valid,
              "write": write + 1, "next_pos": pos + 1}
     return self.decoder.logits(x)[:, 0], cache

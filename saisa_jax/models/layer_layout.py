@@ -1,0 +1,78 @@
+"""The two ways a model holds its layer stacks (model.layer_layout), and the switch.
+
+  stacked    params decoder/layers/*, vision/layers/* with a leading [layers] axis,
+             run by nn.scan: what training, checkpoints and exports use.
+  per_layer  decoder/layers_0/*, layers_1/*, ... (and vision/layers_i): a Python loop
+             over separate modules. What serving uses on CPU: a scan step slices its
+             layer's weights and KV cache out of the stacks, and XLA:CPU copies every
+             slice before using it (a decode step then moves the weights twice).
+
+The conversion runs once, outside jit, on concrete arrays (each per-layer array becomes
+its own buffer). Both layouts compute the same function (tests/test_layer_layout.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STACKS = ("decoder", "vision")
+_LAYER = re.compile(r"layers_(\d+)$")
+
+
+def to_per_layer(params: dict) -> dict:
+  """Stacked params -> per-layer params (a tree already per layer is returned as is)."""
+  params = nn.meta.unbox(params)
+  out = dict(params)
+  for part in STACKS:
+    if part not in out or "layers" not in out[part]:
+      continue
+    sub = dict(out[part])
+    stacked = sub.pop("layers")
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+      sub[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    out[part] = sub
+  return out
+
+
+def to_stacked(params: dict) -> dict:
+  """Per-layer params -> stacked params (the inverse of to_per_layer)."""
+  params = nn.meta.unbox(params)
+  out = dict(params)
+  for part in STACKS:
+    if part not in out:
+      continue
+    sub = dict(out[part])
+    index = sorted((int(m.group(1)), k) for k in sub if (m := _LAYER.match(k)))
+    if not index:
+      continue
+    if [i for i, _ in index] != list(range(len(index))):
+      raise ValueError(f"params[{part!r}] has layers {[k for _, k in index]}: expected "
+                       f"layers_0 .. layers_{len(index) - 1} with none missing")
+    layers = [sub.pop(k) for _, k in index]
+    sub["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    out[part] = sub
+  return out
+
+
+def serving_layout(cfg) -> str:
+  """model.serve_layout with auto resolved: per_layer on a CPU backend, else stacked."""
+  if cfg.serve_layout != "auto":
+    return cfg.serve_layout
+  return "per_layer" if jax.default_backend() == "cpu" else "stacked"
+
+
+def for_serving(model, params):
+  """(model, params) in the layout serve_layout names -> (model', params'). The
+  returned params are new buffers when converted; `params` is left as it was."""
+  want = serving_layout(model.cfg)
+  if want == model.cfg.layer_layout:
+    return model, params
+  cfg = dataclasses.replace(model.cfg, layer_layout=want,
+                            remat="none" if want == "per_layer" else model.cfg.remat)
+  convert = to_per_layer if want == "per_layer" else to_stacked
+  return model.clone(cfg=cfg), convert(params)
