@@ -24,6 +24,9 @@ def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
     assert "glibc.malloc.hugetlb=1" in report["meta"]["glibc_tunables"]
   # --attention auto: the C++ kernel on this CPU when a compiler exists.
   assert report["meta"]["attention"]["default"] == ("cpu" if shutil.which("g++") else "einsum")
+  # Served as saisa-eval serves on CPU (one module per layer); trained fully unrolled.
+  assert report["meta"]["serve_layout"] == "per_layer"
+  assert report["meta"]["train_unroll"] == "full"
   assert set(res) == {"saisa", "naavit", "llava"}
   for name, ops in res.items():
     for op in ("forward", "train_step", "prefill", "decode"):

@@ -9,9 +9,11 @@ LLaVA-1.5's 576 visual tokens (336 px, patch 14): the regime SAISA is built for;
 decoder layers and the real CLIP-L tower, for an accelerator (--dtype bfloat16 --remat
 full: the output then gives train-step MFU against the device's bf16 peak, peaks.py,
 and the HF peer runs on the GPU when torch sees one). Times are medians over
---repeats calls after warm-up (spread = 25th..75th percentile) of the programs as
-configured for training and serving (layers under nn.scan); FLOPs are XLA's count of
-the same function compiled with every scan unrolled (XLA counts a loop body once);
+--repeats calls after warm-up (spread = 25th..75th percentile). Forward, prefill and
+decode run as saisa-eval serves (model.serve_layout: per layer on CPU, layer_layout.py);
+the train step scans its stacked layers with --train_unroll layers a step (default:
+all). FLOPs are XLA's count of the same function compiled with every scan unrolled
+(XLA counts a loop body once);
 memory is XLA's arguments + temporaries of the timed program. The train step is the
 stage-2 recipe's (LLM + projector(s) trained, CLIP tower frozen; --train_tower trains it
 too), in both stacks. Like the other entry points it restarts itself with glibc's
@@ -43,6 +45,7 @@ import numpy as np
 from saisa_jax import hugepages
 from saisa_jax import presets
 from saisa_jax.models.build import build
+from saisa_jax.models.layer_layout import for_serving, serving_layout
 from saisa_jax.tools.peaks import peak_tflops
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.step import make_train_step
@@ -61,6 +64,11 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype of both stacks (params stay float32 in JAX).")
 _REMAT = flags.DEFINE_string("remat", "none", "model.remat of the timed train step.")
 _LLM_LAYERS = flags.DEFINE_integer("llm_layers", 0, "Decoder layers (0: the preset's).")
+_TRAIN_UNROLL = flags.DEFINE_string(
+    "train_unroll", "full", "Layers unrolled per scan step in the timed train step: 'full' "
+    "(every layer; on XLA:CPU a scanned backward stacks every layer's residuals into "
+    "zero-filled buffers and slices them back: smollm2 llava 4459 -> 4089 ms, tiny 50 "
+    "-> 38 ms unrolled) or a number (1: the scan, as configs/saisa.py trains on TPU).")
 _ATTENTION = flags.DEFINE_string(
     "attention", "auto", "model.attention (see models/config.py); auto: cpu (the fused C++ "
     "kernel) on a CPU backend in float32 when a C++ compiler is found, else einsum.")
@@ -104,16 +112,18 @@ def resolve_attention(attention: str, preset: str, dtype: str) -> str:
 
 
 def model_config(preset: str, alignment: str, unrolled: bool = False, dtype: str = "float32",
-                 remat: str = "none", llm_layers: int = 0,
-                 attention: str = "einsum") -> ml_collections.ConfigDict:
-  """scan_unroll 1 (as configs/saisa.py) for timing; `unrolled` for counting FLOPs, with
+                 remat: str = "none", llm_layers: int = 0, attention: str = "einsum",
+                 scan_unroll: int = 1) -> ml_collections.ConfigDict:
+  """`scan_unroll` for timing (serving uses model.serve_layout, per layer on CPU:
+  layer_layout.py); `unrolled` for counting FLOPs, with
   remat off there so the count is the model's FLOPs, not the recomputation's, and
   einsum attention (XLA counts nothing inside a cuDNN or Pallas kernel).
   (Unrolling is also slower on XLA:CPU: each layer's weights get sliced out as copies.)"""
   llm_name, tower, layers = PRESETS[preset]
   llm = presets.lookup(presets.LLMS, llm_name, "llm")
   llm["num_layers"] = llm_layers or layers or llm["num_layers"]
-  unroll = max(llm["num_layers"], tower["num_layers"]) if unrolled else 1
+  depth = max(llm["num_layers"], tower["num_layers"])
+  unroll = depth if unrolled else min(scan_unroll, depth)
   return ml_collections.ConfigDict(dict(
       alignment=alignment, dtype=dtype, remat="none" if unrolled else remat,
       scan_unroll=unroll, attention="einsum" if unrolled else attention, llm=llm,
@@ -164,43 +174,51 @@ def timed(fn, repeats: int, warmup: int = 2, setup=None, warmup_s: float = 1.0,
   return {"ms": statistics.median(times), "p25": q[0], "p75": q[2]}
 
 
-def compiled_stats(jitted, counted, *args) -> dict:
-  """Memory of `jitted` (the timed program), FLOPs of `counted` (its unrolled twin)."""
+def compiled_stats(jitted, args, counted, counted_args=None) -> dict:
+  """Memory of `jitted` (the timed program) on `args`, FLOPs of `counted` (its
+  unrolled, stacked twin) on `counted_args` (default: `args`)."""
   mem = jitted.lower(*args).compile().memory_analysis()
-  cost = counted.lower(*args).compile().cost_analysis() or {}
+  cost = counted.lower(*(args if counted_args is None else counted_args)
+                       ).compile().cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"gflops": float(cost.get("flops", 0.0)) / 1e9,
           "mem_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20 if mem else None}
 
 
 def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: int,
-              repeats: int, train_tower: bool = False, **model_kw) -> dict:
-  """model_kw: dtype, remat, llm_layers, attention (model_config)."""
+              repeats: int, train_tower: bool = False, train_unroll: str = "full",
+              **model_kw) -> dict:
+  """model_kw: dtype, remat, llm_layers, attention (model_config). Forward, prefill
+  and decode run in the serving layout (layer_layout.for_serving), the train step in
+  the stacked layout with `train_unroll` layers unrolled per scan step."""
   model, cfg = build(model_config(preset, alignment, **model_kw))
   counted, _ = build(model_config(preset, alignment, unrolled=True, **model_kw))
+  unroll = 1 << 30 if train_unroll == "full" else int(train_unroll)
+  trained, _ = build(model_config(preset, alignment, scan_unroll=unroll, **model_kw))
   data = {k: jnp.asarray(v) for k, v in bench_batch(cfg, batch, text).items()}
   infer = {k: v for k, v in data.items() if k not in ("targets", "loss_mask")}
   params = jax.jit(model.init)(jax.random.key(0), infer)["params"]
   params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
                         is_leaf=lambda x: hasattr(x, "value"))
   out = {}
+  served, sparams = for_serving(model, params)
 
-  fwd = jax.jit(lambda p, b: model.apply({"params": p}, b))
+  fwd = jax.jit(lambda p, b: served.apply({"params": p}, b))
   fwd_u = jax.jit(lambda p, b: counted.apply({"params": p}, b))
-  out["forward"] = {**timed(lambda: fwd(params, infer), repeats),
-                    **compiled_stats(fwd, fwd_u, params, infer)}
+  out["forward"] = {**timed(lambda: fwd(sparams, infer), repeats),
+                    **compiled_stats(fwd, (sparams, infer), fwd_u, (params, infer))}
 
   optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_steps=10, warmup_ratio=None, final_lr_frac=0.1, b1=0.9, b2=0.98,
       eps=1e-8, weight_decay=0.0, clip_norm=1.0, total_steps=1000,
       trainable=trainable_pattern(train_tower)))
   tx, lr_fn, trainable = make_optimizer(optim, params)
-  step = jax.jit(make_train_step(model, tx, lr_fn, trainable), donate_argnums=0)
+  step = jax.jit(make_train_step(trained, tx, lr_fn, trainable), donate_argnums=0)
   step_u = jax.jit(make_train_step(counted, tx, lr_fn, trainable), donate_argnums=0)
   # The step donates its state: give it its own copy of the params.
   own = jax.tree.map(jnp.copy, params)
   state = {"step": jnp.zeros((), jnp.int32), "params": own, "opt_state": tx.init(own)}
-  stats = compiled_stats(step, step_u, state, data)
+  stats = compiled_stats(step, (state, data), step_u)
   holder = {"state": state}
 
   def one_step():
@@ -209,19 +227,21 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   out["train_step"] = {**timed(one_step, repeats), **stats}
 
   size = text + cfg.num_visual + decode_steps
-  prefill = jax.jit(lambda p, b: model.apply({"params": p}, b, size, method=model.prefill))
+  prefill = jax.jit(lambda p, b: served.apply({"params": p}, b, size, method=served.prefill))
   prefill_u = jax.jit(lambda p, b: counted.apply({"params": p}, b, size, method=counted.prefill))
-  out["prefill"] = {**timed(lambda: prefill(params, infer), repeats),
-                    **compiled_stats(prefill, prefill_u, params, infer)}
+  out["prefill"] = {**timed(lambda: prefill(sparams, infer), repeats),
+                    **compiled_stats(prefill, (sparams, infer), prefill_u, (params, infer))}
 
   # As saisa-eval runs it: the cache is donated and updated in place.
-  decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode_step),
-                   donate_argnums=2)
+  decode = jax.jit(lambda p, t, c: served.apply({"params": p}, t, c,
+                                                method=served.decode_step), donate_argnums=2)
   decode_u = jax.jit(lambda p, t, c: counted.apply({"params": p}, t, c,
                                                    method=counted.decode_step))
-  logits, cache = prefill(params, infer)
+  logits, cache = prefill(sparams, infer)
   tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-  stats = compiled_stats(decode, decode_u, params, tokens, cache)
+  stacked_cache = jax.eval_shape(prefill_u, params, infer)[1]
+  stats = compiled_stats(decode, (sparams, tokens, cache), decode_u,
+                         (params, tokens, stacked_cache))
   fresh = {}
 
   def new_cache():  # each run starts from the prefill's cache (a run donates its copy)
@@ -230,7 +250,7 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   def decode_run():
     c, t = fresh.pop("cache"), tokens
     for _ in range(decode_steps):
-      lg, c = decode(params, t, c)
+      lg, c = decode(sparams, t, c)
       t = jnp.argmax(lg, -1).astype(jnp.int32)
     return t
   run = timed(decode_run, max(2, repeats // 2), warmup=1, setup=new_cache)
@@ -405,7 +425,7 @@ def _main(argv):
       print(f"[bench] {preset} {alignment} (attention {attention[preset]})", flush=True)
       results[preset][alignment] = bench_jax(
           preset, alignment, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
-          _TRAIN_TOWER.value, dtype=_DTYPE.value, remat=_REMAT.value,
+          _TRAIN_TOWER.value, _TRAIN_UNROLL.value, dtype=_DTYPE.value, remat=_REMAT.value,
           llm_layers=_LLM_LAYERS.value, attention=attention[preset])
     if _TORCH.value:
       print(f"[bench] {preset} hf_llava (PyTorch)", flush=True)
@@ -422,6 +442,8 @@ def _main(argv):
         hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
   meta = {"device": kind, "cpu_count": os.cpu_count(), "peak_tflops": peak_tflops(kind),
           "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": attention,
+          "train_unroll": _TRAIN_UNROLL.value,
+          "serve_layout": serving_layout(build(model_config(next(iter(results)), "saisa"))[1]),
           "llm_layers": {p: model_config(p, "llava", llm_layers=_LLM_LAYERS.value
                                          ).llm.num_layers for p in results},
           "batch": _BATCH.value, "text": _TEXT.value,
