@@ -58,7 +58,7 @@ def evaluate(config, params, out_dir: str, model=None) -> dict:
                             top_p=ev.get("top_p", 1.0) or 1.0, seed=ev.get("seed", 0) or 0)
   eos = [tok.eos_token_id] + [i for i in [tok.convert_tokens_to_ids("<|end_of_text|>")]
                               if isinstance(i, int) and i != tok.unk_token_id]
-  generator = Generator(model, params)
+  generator = None  # built once the first set has loaded: bad eval files fail first
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "results.json")
   results = json.load(open(path)) if os.path.exists(path) else {}
@@ -68,6 +68,7 @@ def evaluate(config, params, out_dir: str, model=None) -> dict:
     bench = get_benchmark(spec["kind"])
     t0 = time.time()
     items = bench.load(spec)
+    generator = generator or Generator(model, params)
     prompts = [item_prompt(it, config, tok, image_size) for it in items]
     outputs = generate(model, params, prompts, num_visual=num_visual, image_size=image_size,
                        sampling=sampling, eos_ids=eos, pad_id=tok.pad_token_id or 0,
