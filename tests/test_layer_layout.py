@@ -12,7 +12,7 @@ import pytest
 from saisa_jax.batch import collate, pack_sample
 from saisa_jax.models import layer_layout
 from saisa_jax.models.build import build
-from saisa_jax.models.config import LlamaConfig, ModelConfig, VisionConfig
+from saisa_jax.models.config import LlamaConfig, ModelConfig, VisionConfig, from_config
 
 LLM = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
                   num_heads=4, num_kv_heads=2)
@@ -115,3 +115,6 @@ def test_serve_layout_auto_is_per_layer_on_cpu_and_configs_are_checked():
     ModelConfig(LLM, VISION, serve_layout="fast")
   with pytest.raises(ValueError, match="train with layer_layout=stacked"):
     ModelConfig(LLM, VISION, layer_layout="per_layer", remat="full")
+  with pytest.raises(ValueError, match="set model.serve_layout=per_layer"):
+    from_config({"llm": dataclasses.asdict(LLM), "vision": dataclasses.asdict(VISION),
+                 "layer_layout": "per_layer"})

@@ -85,10 +85,10 @@ class ModelConfig:
   visual_pass: str = "scan"
   # How the module holds its layers (decoder and tower): "stacked" (one params subtree
   # with a leading [layers] axis, run by nn.scan: training, checkpoints, exports) or
-  # "per_layer" (layers_0, layers_1, ...: a Python loop). Serving converts to what
-  # serve_layout names (models/layer_layout.py). Why per_layer serves faster on CPU: a
+  # "per_layer" (layers_0, layers_1, ...: a Python loop). Configs always build
+  # stacked; serving converts to what serve_layout names (models/layer_layout.py). Why per_layer serves faster on CPU: a
   # scan step slices its layer's weights and KV cache out of the stacks, and XLA:CPU
-  # copies each slice before the matmul (smollm2 decode 49 -> 35 ms a step).
+  # copies each slice before the matmul (smollm2 decode 49.7 -> 42.2 ms a step).
   layer_layout: str = "stacked"
   # The layout eval, chat and saisa-bench serve with: auto (per_layer on a CPU backend,
   # else stacked: accelerators' scans slice in place and compile once per layer stack),
@@ -157,6 +157,11 @@ def _rope_scaling(value) -> Optional[tuple]:
 def from_config(model: Any) -> ModelConfig:
   """ml_collections `config.model` (or a dict) -> ModelConfig."""
   get = (lambda d, k, default=None: d.get(k, default))
+  if get(model, "layer_layout") not in (None, "stacked"):
+    # Training, checkpoints and exports are stacked; serving converts (layer_layout.py).
+    raise ValueError(f"config.model.layer_layout={get(model, 'layer_layout')!r}: configs "
+                     "train and store stacked layers; set model.serve_layout=per_layer to "
+                     "serve per layer")
   llm = dict(model["llm"])
   llm["rope_scaling"] = _rope_scaling(llm.get("rope_scaling"))
   llm_fields = {f.name for f in dataclasses.fields(LlamaConfig)}
@@ -172,6 +177,5 @@ def from_config(model: Any) -> ModelConfig:
       attention_block=int(get(model, "attention_block", 128)),
       flash_block=int(get(model, "flash_block", 256)),
       visual_pass=get(model, "visual_pass", "scan"),
-      layer_layout=get(model, "layer_layout", "stacked"),
       serve_layout=get(model, "serve_layout", "auto"),
   )
