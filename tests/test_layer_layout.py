@@ -49,7 +49,8 @@ def test_conversion_round_trip_is_exact_and_names_every_layer():
   assert jax.tree.structure(back) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
-  assert layer_layout.to_per_layer(per) is not None  # already per layer: unchanged
+  again = layer_layout.to_per_layer(per)  # already per layer: unchanged
+  assert jax.tree.structure(again) == jax.tree.structure(per)
   broken = dict(per, decoder={k: v for k, v in per["decoder"].items() if k != "layers_1"})
   with pytest.raises(ValueError, match="layers_0 .. layers_1"):
     layer_layout.to_stacked(broken)
