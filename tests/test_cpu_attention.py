@@ -43,8 +43,9 @@ def _check(f, ref, q, k, v, cot):
     _close(g, w, f"d{name}")
 
 
+# 150 and 90 keys: the forward's tiles of 4 key vectors (64 keys), then single vectors.
 @pytest.mark.parametrize("heads,d,tk", [((4, 2), 16, 37), ((2, 2), 32, 16), ((3, 1), 64, 50),
-                                        ((2, 1), 128, 9)])
+                                        ((2, 1), 128, 9), ((4, 2), 16, 150), ((3, 3), 32, 90)])
 def test_masked_forward_and_gradients_equal_the_textbook(heads, d, tk):
   q, k, v, mask, cot = _inputs(tk=tk, h=heads[0], hkv=heads[1], d=d)
   _check(lambda q, k, v: attend(q, k, v, mask_bias(mask), "cpu"),
@@ -57,7 +58,7 @@ def test_no_bias_reads_every_key():
          lambda q, k, v: textbook(q, k, v, None), q, k, v, cot)
 
 
-@pytest.mark.parametrize("prefix,tq", [(0, 21), (5, 19), (40, 8)])
+@pytest.mark.parametrize("prefix,tq", [(0, 21), (5, 19), (40, 8), (70, 13)])
 def test_causal_skipping_with_a_visible_prefix_equals_the_textbook(prefix, tq):
   """Keys [prefix (seen by all); tq causal]: the kernel reads, per 8 query rows, only
   the keys up to the block's last row and still equals full attention."""

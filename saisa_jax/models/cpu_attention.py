@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import jaxlib
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels", "attention.cc")
-_TARGETS = ("SaisaAttentionForward", "SaisaAttentionBackward")
+_TARGETS = ("SaisaAttentionForwardT", "SaisaAttentionBackward")
 _LOCK = threading.Lock()
 _LIB: list = []  # the loaded library, once registered
 
@@ -108,15 +108,23 @@ def _dummy_bias():
   return jnp.zeros((1, 1, 1), jnp.float32)
 
 
+def _keys_by_column(x):
+  """[B, K, Hkv, D] -> [B, Hkv, D, Kp]: Kp = K rounded up to 16, zeros past K (the
+  kernel's vectors of keys never read past a row)."""
+  pad = -x.shape[1] % 16
+  return jnp.pad(x.transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),))
+
+
 def _forward(q, k, v, bias, causal_from):
   b, tq, h, d = q.shape
-  kt = k.transpose(0, 2, 3, 1)                                        # [B, Hkv, D, K]
   out, lse = jax.ffi.ffi_call(
-      "SaisaAttentionForward",
+      "SaisaAttentionForwardT",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)),
-      vmap_method="sequential")(q, kt, v, _dummy_bias() if bias is None else bias,
-                                causal_from=causal_from, has_bias=bias is not None)
-  return out, (q, k, v, kt, bias, out, lse)
+      vmap_method="sequential")(q, _keys_by_column(k), _keys_by_column(v),
+                                _dummy_bias() if bias is None else bias,
+                                causal_from=causal_from, has_bias=bias is not None,
+                                num_keys=k.shape[1])
+  return out, (q, k, v, bias, out, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -129,7 +137,8 @@ def _attend_fwd(q, k, v, bias, causal_from):
 
 
 def _attend_bwd(causal_from, res, do):
-  q, k, v, kt, bias, out, lse = res
+  q, k, v, bias, out, lse = res
+  kt = k.transpose(0, 2, 3, 1)                                        # [B, Hkv, D, K]
   kshape = (k.shape[0], k.shape[2], k.shape[3], k.shape[1])
   dq, dkt, dvt = jax.ffi.ffi_call(
       "SaisaAttentionBackward",

@@ -10,9 +10,11 @@
 //
 // Layouts (row-major):
 //   q, o, dO, dQ  [B, T, H, D]    as the model holds them: no transposes
-//   k, v          [B, K, Hkv, D]  rows of D floats (P.V and dS.K read them by row)
-//   kT, vT        [B, Hkv, D, K]  keys by column: Q.K^T and dO.V^T vectorise over keys
-//   dkT, dvT      [B, Hkv, D, K]
+//   forward:  kT, vT  [B, Hkv, D, Kp]  keys and values by column, Kp = K rounded up
+//             to 16 and zero past K: Q.K^T and P.V both vectorise over keys
+//   backward: k       [B, K, Hkv, D]   rows of D floats (dS.K reads them by row)
+//             kT, vT  [B, Hkv, D, K]   Q.K^T and dO.V^T vectorise over keys
+//             dkT, dvT [B, Hkv, D, K]
 //   lse           [B, H, T]
 //   bias          [B, T, K] additive (0 / -1e30), or absent (has_bias = 0)
 // Query row t reads keys [0, min(K, causal_from + end of its row block)): the caller
@@ -40,10 +42,16 @@ typedef int32_t vi __attribute__((vector_size(64)));
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{} + x; }
+#ifdef __AVX512F__
+#include <immintrin.h>
+// A broadcast load (vf{} + x would add 0.0f on the FMA ports first: -0.0 + 0.0 != -0.0).
+inline vf splat(float x) { return (vf)_mm512_set1_ps(x); }
+#else
+inline vf splat(float x) { vf v; for (int i = 0; i < W; ++i) v[i] = x; return v; }
+#endif
 
 // exp(x) for x <= 0 (softmax arguments); exactly 0 below -87 (hidden keys).
-inline vf vexp(vf x) {
+inline vf vexp_generic(vf x) {
   const vf lo = splat(-87.0f);
   vf xc = x < lo ? lo : x;
   vf t = xc * 1.44269504088896341f - 0.5f;
@@ -63,6 +71,29 @@ inline vf vexp(vf x) {
   vf y = p * scale;
   return x < lo ? vf{} : y;
 }
+
+#ifdef __AVX512F__
+// The same with AVX-512's round and scale instructions: 12 vector ops instead of 17.
+inline vf vexp(vf x) {
+  const __m512 xv = (__m512)x;
+  const __m512 xc = _mm512_max_ps(xv, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  return (vf)_mm512_maskz_scalef_ps(keep, p, n);
+}
+#else
+inline vf vexp(vf x) { return vexp_generic(x); }
+#endif
 
 inline float hsum(vf v) {
   float s = 0;
@@ -149,21 +180,6 @@ void rows_times(const float* p, int64_t ks, int nr, const float* m, int64_t m_st
   }
 }
 
-// max_j x[j] over j < n (0 when n == 0).
-inline float row_max(const float* x, int64_t n) {
-  if (n == 0) return 0.0f;
-  vf mv = splat(-INFINITY);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    vf xv = load(x + j);
-    mv = xv > mv ? xv : mv;
-  }
-  float mx = -INFINITY;
-  for (int i = 0; i < W; ++i) mx = std::max(mx, mv[i]);
-  for (; j < n; ++j) mx = std::max(mx, x[j]);
-  return mx;
-}
-
 // Adds bias rows and hides keys >= kend: s[r][j] for j in [0, kpad).
 void add_bias(const Shape& sh, const float* bias, int64_t b, int64_t t0, int nr,
               int64_t kend, float* s, int64_t ks) {
@@ -187,42 +203,185 @@ void exp_rows(float* s, int64_t ks, int nr, int64_t kend, const float* m) {
   }
 }
 
+// ---- Forward over transposed, padded keys and values -------------------------------
+// kT, vT [B, Hkv, D, Kp] with Kp = K rounded up to W (zeros past K): both products
+// vectorise over keys with register tiles of 4 rows x 4 vectors, so each vector load
+// feeds 4 FMAs (the row-major P.V above feeds 1 per broadcast it loads); the row max and
+// the row sum ride along the stores instead of extra passes over the scores.
+
+// sums[i] = horizontal sum of a[i], i < 16: a transposing tree of shuffles and adds.
+inline vf reduce16(const vf* a) {
+  vf t1[8], t2[4], t3[2];
+  for (int i = 0; i < 8; ++i)
+    t1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17,
+                                    18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24,
+                                    25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    t2[i] = __builtin_shufflevector(t1[2 * i], t1[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16,
+                                    17, 18, 19, 24, 25, 26, 27) +
+            __builtin_shufflevector(t1[2 * i], t1[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20,
+                                    21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    t3[i] = __builtin_shufflevector(t2[2 * i], t2[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16,
+                                    17, 20, 21, 24, 25, 28, 29) +
+            __builtin_shufflevector(t2[2 * i], t2[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18,
+                                    19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(t3[0], t3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                 24, 26, 28, 30) +
+         __builtin_shufflevector(t3[0], t3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25,
+                                 27, 29, 31);
+}
+
+constexpr float kHidden = -1e30f;
+
+inline vf vmax(vf a, vf b) {
+#ifdef __AVX512F__
+  return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+// Finishes one score vector of a row at keys [j, j + W) that reaches past kend: adds
+// the bias to the visible keys, hides the rest, stores it and folds it into the max.
+inline void finish_partial(vf v, int64_t j, int64_t kend, const float* brow, float* srow,
+                           vf& mx) {
+  for (int i = 0; i < W; ++i)
+    v[i] = j + i < kend ? v[i] + (brow ? brow[j + i] : 0.0f) : kHidden;
+  store(srow + j, v);
+  mx = vmax(mx, v);
+}
+
+// s[r][j] = scale * q[r] . k[j] (+ bias[r][j]) for j < kend, kHidden for j in [kend, ks);
+// m[r] = max_j s[r][j]. Rows r < nr (rows past nr are not written). Groups of 4 rows;
+// within a group, tiles of 4 key vectors while every key is visible, then single vectors.
+template <int ND, bool BIAS>
+void scores_t(const float* q, int64_t q_stride, int nr, const float* kT, int64_t Kp,
+              int64_t kend, float scale, const float* bias, int64_t b_stride, float* s,
+              int64_t ks, float* m) {
+  constexpr int D = ND * W;
+  const int64_t jfull = kend / W * W;
+  for (int r0 = 0; r0 < nr; r0 += 4) {
+    const int g = std::min(4, nr - r0);
+    float qa[4][D];
+    for (int r = 0; r < 4; ++r)
+      for (int d = 0; d < D; ++d) qa[r][d] = r < g ? q[(r0 + r) * q_stride + d] * scale : 0.0f;
+    vf mx[4];
+    for (int r = 0; r < 4; ++r) mx[r] = splat(kHidden);
+    float* sg = s + r0 * ks;
+    const float* bg = BIAS ? bias + r0 * b_stride : nullptr;
+    int64_t j = 0;
+    for (; j + 4 * W <= jfull; j += 4 * W) {
+      vf acc[4][4] = {};
+      for (int d = 0; d < D; ++d) {
+        const float* kd = kT + d * Kp + j;
+        vf k0 = load(kd), k1 = load(kd + W), k2 = load(kd + 2 * W), k3 = load(kd + 3 * W);
+        for (int r = 0; r < 4; ++r) {
+          vf a = splat(qa[r][d]);
+          acc[r][0] += a * k0; acc[r][1] += a * k1; acc[r][2] += a * k2; acc[r][3] += a * k3;
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) {
+          vf v = acc[r][c];
+          if (BIAS) v += load(bg + r * b_stride + j + c * W);
+          store(sg + r * ks + j + c * W, v);
+          mx[r] = vmax(mx[r], v);
+        }
+    }
+    for (; j < ks; j += W) {
+      vf acc[4] = {};
+      for (int d = 0; d < D; ++d) {
+        vf k0 = load(kT + d * Kp + j);
+        for (int r = 0; r < 4; ++r) acc[r] += splat(qa[r][d]) * k0;
+      }
+      for (int r = 0; r < g; ++r) {
+        if (j + W <= kend) {
+          vf v = acc[r];
+          if (BIAS) v += load(bg + r * b_stride + j);
+          store(sg + r * ks + j, v);
+          mx[r] = vmax(mx[r], v);
+        } else {
+          finish_partial(acc[r], j, kend, BIAS ? bg + r * b_stride : nullptr, sg + r * ks, mx[r]);
+        }
+      }
+    }
+    for (int r = 0; r < g; ++r) {
+      float v = kHidden;
+      for (int i = 0; i < W; ++i) v = std::max(v, mx[r][i]);
+      m[r0 + r] = v;
+    }
+  }
+}
+
+// out[r][d] = alpha[r] * sum_{j < ks} p[r][j] * vT[d][j], rows r < nr (p rows past nr
+// are read as given: the caller zeroes them).
 template <int ND>
-void forward_block(const Shape& sh, const float* q, const float* kT, const float* v,
-                   const float* bias, float* o, float* lse, int64_t b, int64_t h,
-                   int64_t t0, std::vector<float>& buf) {
+void pv_t(const float* p, int64_t ks, int nr, const float* vT, int64_t Kp, const float* alpha,
+          float* out, int64_t o_stride) {
+  constexpr int D = ND * W;
+  for (int r0 = 0; r0 < nr; r0 += 4)
+    for (int d0 = 0; d0 < D; d0 += 4) {
+      vf acc[16] = {};
+      for (int64_t j = 0; j < ks; j += W) {
+        vf pr[4], vd[4];
+        for (int r = 0; r < 4; ++r) pr[r] = load(p + (r0 + r) * ks + j);
+        for (int c = 0; c < 4; ++c) vd[c] = load(vT + (d0 + c) * Kp + j);
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) acc[r * 4 + c] += pr[r] * vd[c];
+      }
+      vf sums = reduce16(acc);
+      for (int r = 0; r < 4 && r0 + r < nr; ++r)
+        for (int c = 0; c < 4; ++c) out[(r0 + r) * o_stride + d0 + c] = sums[r * 4 + c] * alpha[r0 + r];
+    }
+}
+
+template <int ND>
+void forward_block_t(const Shape& sh, int64_t Kp, const float* q, const float* kT,
+                     const float* vT, const float* bias, float* o, float* lse, int64_t b,
+                     int64_t h, int64_t t0, std::vector<float>& buf) {
   const int64_t D = ND * W, G = sh.H / sh.Hkv, hk = h / G;
   const int nr = static_cast<int>(std::min<int64_t>(R, sh.T - t0));
   const int64_t kend = sh.kend(t0 + nr), ks = round_up(std::max<int64_t>(kend, 1), W);
-  buf.resize(R * ks);
-  float* s = buf.data();
-  const float* qr = q + ((b * sh.T + t0) * sh.H + h) * D;
-  const float* kTh = kT + (b * sh.Hkv + hk) * D * sh.K;
-  scores<ND>(qr, sh.H * D, nr, kTh, sh.K, kend, 1.0f / std::sqrt(float(D)), s, ks);
-  add_bias(sh, bias, b, t0, nr, kend, s, ks);
+  buf.resize(R * ks + W);
+  // 64-byte aligned rows: a vector load that straddles two cache lines costs two.
+  float* s = buf.data() + (-(reinterpret_cast<uintptr_t>(buf.data()) / sizeof(float)) & (W - 1));
+  const float* kTh = kT + (b * sh.Hkv + hk) * D * Kp;
+  const float* vTh = vT + (b * sh.Hkv + hk) * D * Kp;
   float m[R], inv[R];
-  for (int r = 0; r < nr; ++r) m[r] = row_max(s + r * ks, kend);
-  exp_rows(s, ks, nr, kend, m);
+  const float* qr = q + ((b * sh.T + t0) * sh.H + h) * D;
+  const float scale = 1.0f / std::sqrt(float(D));
+  if (sh.has_bias)
+    scores_t<ND, true>(qr, sh.H * D, nr, kTh, Kp, kend, scale, bias + (b * sh.T + t0) * sh.K,
+                       sh.K, s, ks, m);
+  else
+    scores_t<ND, false>(qr, sh.H * D, nr, kTh, Kp, kend, scale, nullptr, 0, s, ks, m);
   for (int r = 0; r < nr; ++r) {
-    vf acc = {};
-    for (int64_t j = 0; j < ks; j += W) acc += load(s + r * ks + j);
+    float* sr = s + r * ks;
+    vf mv = splat(m[r]), acc = {};
+    for (int64_t j = 0; j < ks; j += W) {
+      vf e = vexp(load(sr + j) - mv);
+      store(sr + j, e);
+      acc += e;
+    }
     float sum = hsum(acc);
     inv[r] = sum > 0 ? 1.0f / sum : 0.0f;
     lse[(b * sh.H + h) * sh.T + t0 + r] = m[r] + std::log(sum > 0 ? sum : 1.0f);
   }
-  rows_times<ND>(s, ks, nr, v + hk * D + b * sh.K * sh.Hkv * D, sh.Hkv * D, kend, inv,
-                 o + ((b * sh.T + t0) * sh.H + h) * D, sh.H * D);
+  if (nr % 4) std::fill(s + nr * ks, s + round_up(nr, 4) * ks, 0.0f);
+  pv_t<ND>(s, ks, nr, vTh, Kp, inv, o + ((b * sh.T + t0) * sh.H + h) * D, sh.H * D);
 }
 
 template <int ND>
-ffi::Error forward_impl(const Shape& sh, ffi::ThreadPool& pool, const float* q,
-                        const float* kT, const float* v, const float* bias, float* o,
-                        float* lse) {
+ffi::Error forward_t_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
+                          const float* kT, const float* vT, const float* bias, float* o,
+                          float* lse) {
   const int64_t blocks = (sh.T + R - 1) / R, n = sh.B * sh.H * blocks;
   parallel_for(pool, n, [&](int64_t i) {
     thread_local std::vector<float> buf;
     int64_t t0 = (i % blocks) * R, bh = i / blocks;
-    forward_block<ND>(sh, q, kT, v, bias, o, lse, bh / sh.H, bh % sh.H, t0, buf);
+    forward_block_t<ND>(sh, Kp, q, kT, vT, bias, o, lse, bh / sh.H, bh % sh.H, t0, buf);
   });
   return ffi::Error::Success();
 }
@@ -350,14 +509,22 @@ ffi::Error check_shape(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
     default: return ffi::Error::InvalidArgument("cpu attention: head dim 16/32/64/128/256"); \
   }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
-                   bool has_bias, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+ffi::Error ForwardT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
+                    ffi::Buffer<ffi::F32> vT, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
+                    bool has_bias, int64_t num_keys, ffi::ResultBuffer<ffi::F32> o,
+                    ffi::ResultBuffer<ffi::F32> lse) {
   Shape sh;
-  if (auto e = check_shape(q, kT, bias, causal_from, has_bias, &sh); e.failure()) return e;
-  DISPATCH(sh.D / W, forward_impl<ND>(sh, pool, q.typed_data(), kT.typed_data(), v.typed_data(),
-                                     bias.typed_data(), o->typed_data(), lse->typed_data()))
+  if (auto e = check_shape(q, kT, bias, causal_from, false, &sh); e.failure()) return e;
+  const int64_t Kp = sh.K;
+  sh.K = num_keys;
+  sh.has_bias = has_bias;
+  if (Kp % W != 0 || num_keys > Kp || Kp - num_keys >= W || vT.element_count() != kT.element_count())
+    return ffi::Error::InvalidArgument("cpu attention: kT / vT must be [B, Hkv, D, K rounded up to 16]");
+  if (has_bias && bias.element_count() != static_cast<size_t>(sh.B * sh.T * sh.K))
+    return ffi::Error::InvalidArgument("cpu attention: bias must be [B, Q, K]");
+  DISPATCH(sh.D / W, forward_t_impl<ND>(sh, Kp, pool, q.typed_data(), kT.typed_data(),
+                                       vT.typed_data(), bias.typed_data(), o->typed_data(),
+                                       lse->typed_data()))
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -376,18 +543,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("causal_from")
-                                  .Attr<bool>("has_bias")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -402,5 +557,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackward, Backward,
                                   .Attr<int64_t>("causal_from")
                                   .Attr<bool>("has_bias")
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionForwardT, ForwardT,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("causal_from")
+                                  .Attr<bool>("has_bias")
+                                  .Attr<int64_t>("num_keys")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
