@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import jaxlib
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels", "attention.cc")
-_TARGETS = ("SaisaAttentionForwardT", "SaisaAttentionBackward")
+_TARGETS = ("SaisaAttentionForwardT", "SaisaAttentionBackwardT")
 _LOCK = threading.Lock()
 _LIB: list = []  # the loaded library, once registered
 
@@ -117,14 +117,15 @@ def _keys_by_column(x):
 
 def _forward(q, k, v, bias, causal_from):
   b, tq, h, d = q.shape
+  kt, vt = _keys_by_column(k), _keys_by_column(v)
   out, lse = jax.ffi.ffi_call(
       "SaisaAttentionForwardT",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)),
-      vmap_method="sequential")(q, _keys_by_column(k), _keys_by_column(v),
-                                _dummy_bias() if bias is None else bias,
+      vmap_method="sequential")(q, kt, vt, _dummy_bias() if bias is None else bias,
                                 causal_from=causal_from, has_bias=bias is not None,
                                 num_keys=k.shape[1])
-  return out, (q, k, v, bias, out, lse)
+  # The backward reads keys and values in the same layout: saved as the kernel took them.
+  return out, (q, kt, vt, k.shape[1], bias, out, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -137,18 +138,15 @@ def _attend_fwd(q, k, v, bias, causal_from):
 
 
 def _attend_bwd(causal_from, res, do):
-  q, k, v, bias, out, lse = res
-  kt = k.transpose(0, 2, 3, 1)                                        # [B, Hkv, D, K]
-  kshape = (k.shape[0], k.shape[2], k.shape[3], k.shape[1])
+  q, kt, vt, tk, bias, out, lse = res
   dq, dkt, dvt = jax.ffi.ffi_call(
-      "SaisaAttentionBackward",
-      (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(kshape, jnp.float32),
-       jax.ShapeDtypeStruct(kshape, jnp.float32)),
-      vmap_method="sequential")(q, k, kt, v.transpose(0, 2, 3, 1),
-                                _dummy_bias() if bias is None else bias, out, lse,
+      "SaisaAttentionBackwardT",
+      (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(kt.shape, jnp.float32),
+       jax.ShapeDtypeStruct(kt.shape, jnp.float32)),
+      vmap_method="sequential")(q, kt, vt, _dummy_bias() if bias is None else bias, out, lse,
                                 do.astype(jnp.float32), causal_from=causal_from,
-                                has_bias=bias is not None)
-  return (dq, dkt.transpose(0, 3, 1, 2), dvt.transpose(0, 3, 1, 2),
+                                has_bias=bias is not None, num_keys=tk)
+  return (dq, dkt[..., :tk].transpose(0, 3, 1, 2), dvt[..., :tk].transpose(0, 3, 1, 2),
           None if bias is None else jnp.zeros_like(bias))
 
 

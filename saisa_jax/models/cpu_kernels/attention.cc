@@ -9,12 +9,9 @@
 // reading a saved [Q, K] matrix.
 //
 // Layouts (row-major):
-//   q, o, dO, dQ  [B, T, H, D]    as the model holds them: no transposes
-//   forward:  kT, vT  [B, Hkv, D, Kp]  keys and values by column, Kp = K rounded up
-//             to 16 and zero past K: Q.K^T and P.V both vectorise over keys
-//   backward: k       [B, K, Hkv, D]   rows of D floats (dS.K reads them by row)
-//             kT, vT  [B, Hkv, D, K]   Q.K^T and dO.V^T vectorise over keys
-//             dkT, dvT [B, Hkv, D, K]
+//   q, o, dO, dQ  [B, T, H, D]     as the model holds them: no transposes
+//   kT, vT, dkT, dvT [B, Hkv, D, Kp]  keys and values by column, Kp = K rounded up to
+//                 16 and zero past K: every product vectorises over keys
 //   lse           [B, H, T]
 //   bias          [B, T, K] additive (0 / -1e30), or absent (has_bias = 0)
 // Query row t reads keys [0, min(K, causal_from + end of its row block)): the caller
@@ -131,82 +128,11 @@ struct Shape {
   int64_t kend(int64_t row_end) const { return std::min(K, causal_from + row_end); }
 };
 
-// s[r][j] = scale * sum_d a[r][d] * bT[d][j] for r < nr, j < kend; a rows at stride
-// a_stride; bT [D, K]. s rows have stride ks.
-template <int ND>
-void scores(const float* a, int64_t a_stride, int nr, const float* bT, int64_t K,
-            int64_t kend, float scale, float* s, int64_t ks) {
-  constexpr int D = ND * W;
-  float as[R][D];
-  for (int r = 0; r < R; ++r)
-    for (int d = 0; d < D; ++d) as[r][d] = r < nr ? a[r * a_stride + d] * scale : 0.0f;
-  int64_t j = 0;
-  for (; j + W <= kend; j += W) {
-    vf acc[R] = {};
-    for (int d = 0; d < D; ++d) {
-      vf b = load(bT + d * K + j);
-      for (int r = 0; r < R; ++r) acc[r] += as[r][d] * b;
-    }
-    for (int r = 0; r < nr; ++r) store(s + r * ks + j, acc[r]);
-  }
-  for (; j < kend; ++j)
-    for (int r = 0; r < nr; ++r) {
-      float t = 0;
-      for (int d = 0; d < D; ++d) t += as[r][d] * bT[d * K + j];
-      s[r * ks + j] = t;
-    }
-}
-
-// out[r][:] = alpha[r] * sum_{j < kend} p[r][j] * m[j][:] (m rows at stride m_stride).
-template <int ND>
-void rows_times(const float* p, int64_t ks, int nr, const float* m, int64_t m_stride,
-                int64_t kend, const float* alpha, float* out, int64_t o_stride) {
-  constexpr int G = ND >= 8 ? 1 : 8 / ND;  // rows per pass: G * ND <= 8 accumulators
-  for (int r0 = 0; r0 < nr; r0 += G) {
-    int g = std::min(G, nr - r0);
-    vf acc[G][ND] = {};
-    for (int64_t j = 0; j < kend; ++j) {
-      const float* mj = m + j * m_stride;
-      vf mv[ND];
-      for (int c = 0; c < ND; ++c) mv[c] = load(mj + c * W);
-      for (int r = 0; r < G; ++r) {
-        float pr = r < g ? p[(r0 + r) * ks + j] : 0.0f;
-        for (int c = 0; c < ND; ++c) acc[r][c] += pr * mv[c];
-      }
-    }
-    for (int r = 0; r < g; ++r)
-      for (int c = 0; c < ND; ++c)
-        store(out + (r0 + r) * o_stride + c * W, acc[r][c] * alpha[r0 + r]);
-  }
-}
-
-// Adds bias rows and hides keys >= kend: s[r][j] for j in [0, kpad).
-void add_bias(const Shape& sh, const float* bias, int64_t b, int64_t t0, int nr,
-              int64_t kend, float* s, int64_t ks) {
-  if (sh.has_bias)
-    for (int r = 0; r < nr; ++r) {
-      const float* br = bias + (b * sh.T + t0 + r) * sh.K;
-      float* sr = s + r * ks;
-      int64_t j = 0;
-      for (; j + W <= kend; j += W) store(sr + j, load(sr + j) + load(br + j));
-      for (; j < kend; ++j) sr[j] += br[j];
-    }
-}
-
-// p[r][j] = exp(s[r][j] - m[r]) in place for j < kend, 0 for j in [kend, ks).
-void exp_rows(float* s, int64_t ks, int nr, int64_t kend, const float* m) {
-  for (int r = 0; r < nr; ++r) {
-    float* sr = s + r * ks;
-    for (int64_t j = kend; j < ks; ++j) sr[j] = -1e30f;
-    vf mv = splat(m[r]);
-    for (int64_t j = 0; j < ks; j += W) store(sr + j, vexp(load(sr + j) - mv));
-  }
-}
-
 // ---- Forward over transposed, padded keys and values -------------------------------
 // kT, vT [B, Hkv, D, Kp] with Kp = K rounded up to W (zeros past K): both products
 // vectorise over keys with register tiles of 4 rows x 4 vectors, so each vector load
-// feeds 4 FMAs (the row-major P.V above feeds 1 per broadcast it loads); the row max and
+// feeds 4 FMAs (a row-major P.V, as this kernel first had, fed 1 per broadcast it
+// loaded); the row max and
 // the row sum ride along the stores instead of extra passes over the scores.
 
 // sums[i] = horizontal sum of a[i], i < 16: a transposing tree of shuffles and adds.
@@ -386,99 +312,128 @@ ffi::Error forward_t_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, co
   return ffi::Error::Success();
 }
 
+// ---- Backward over transposed, padded keys and values ------------------------------
+// kT, vT, dkT, dvT [B, Hkv, D, Kp] as the forward's. Per row block: P from the saved
+// log-sum-exp and dP = dO.V^T (scores_t's tiles), dS = P * (dP - delta), dQ = dS.K
+// (pv_t with K by column), and dK^T += scale Q^T.dS, dV^T += dO^T.P as tiles of
+// 4 head dims x 4 key vectors held in registers over the block's rows.
+
+// acc^T[d][j] += sum_{r < nr} a[r][d] * x[r][j] for d < D, j < ks (a given transposed:
+// at[d][r]); accT rows at stride Kp.
+template <int ND>
+void outer_add(const float (*at)[R], const float* x, int64_t ks, int nr, float* accT,
+               int64_t Kp) {
+  constexpr int D = ND * W;
+  int64_t j = 0;
+  for (; j + 4 * W <= ks; j += 4 * W)
+    for (int d0 = 0; d0 < D; d0 += 4) {
+      vf acc[4][4];
+      for (int c = 0; c < 4; ++c)
+        for (int v = 0; v < 4; ++v) acc[c][v] = load(accT + (d0 + c) * Kp + j + v * W);
+      for (int r = 0; r < nr; ++r) {
+        const float* xr = x + r * ks + j;
+        vf x0 = load(xr), x1 = load(xr + W), x2 = load(xr + 2 * W), x3 = load(xr + 3 * W);
+        for (int c = 0; c < 4; ++c) {
+          vf a = splat(at[d0 + c][r]);
+          acc[c][0] += a * x0; acc[c][1] += a * x1; acc[c][2] += a * x2; acc[c][3] += a * x3;
+        }
+      }
+      for (int c = 0; c < 4; ++c)
+        for (int v = 0; v < 4; ++v) store(accT + (d0 + c) * Kp + j + v * W, acc[c][v]);
+    }
+  for (; j < ks; j += W)
+    for (int d0 = 0; d0 < D; d0 += 4) {
+      vf acc[4];
+      for (int c = 0; c < 4; ++c) acc[c] = load(accT + (d0 + c) * Kp + j);
+      for (int r = 0; r < nr; ++r) {
+        vf x0 = load(x + r * ks + j);
+        for (int c = 0; c < 4; ++c) acc[c] += splat(at[d0 + c][r]) * x0;
+      }
+      for (int c = 0; c < 4; ++c) store(accT + (d0 + c) * Kp + j, acc[c]);
+    }
+}
+
 // One (batch, kv head): every query head of the group and every row block, so the
 // key/value gradients of the unit are written by one thread.
 template <int ND>
-void backward_unit(const Shape& sh, const float* q, const float* k, const float* kT,
-                   const float* vT, const float* bias, const float* o, const float* lse,
-                   const float* dout, float* dq, float* dkT, float* dvT, int64_t b,
-                   int64_t hk, std::vector<float>& buf) {
+void backward_unit_t(const Shape& sh, int64_t Kp, const float* q, const float* kT,
+                     const float* vT, const float* bias, const float* o, const float* lse,
+                     const float* dout, float* dq, float* dkT, float* dvT, int64_t b,
+                     int64_t hk, std::vector<float>& buf) {
   constexpr int D = ND * W;
-  const int64_t G = sh.H / sh.Hkv, K = sh.K, rs = sh.H * D;
+  const int64_t G = sh.H / sh.Hkv, rs = sh.H * D;
   const float scale = 1.0f / std::sqrt(float(D));
-  const float* kTh = kT + (b * sh.Hkv + hk) * D * K;
-  const float* vTh = vT + (b * sh.Hkv + hk) * D * K;
-  const float* kh = k + (b * K * sh.Hkv + hk) * D;
-  float* dkTh = dkT + (b * sh.Hkv + hk) * D * K;
-  float* dvTh = dvT + (b * sh.Hkv + hk) * D * K;
-  std::fill(dkTh, dkTh + D * K, 0.0f);
-  std::fill(dvTh, dvTh + D * K, 0.0f);
-  const int64_t ksmax = round_up(std::max<int64_t>(K, 1), W);
-  buf.resize(2 * R * ksmax);
+  const float* kTh = kT + (b * sh.Hkv + hk) * D * Kp;
+  const float* vTh = vT + (b * sh.Hkv + hk) * D * Kp;
+  float* dkTh = dkT + (b * sh.Hkv + hk) * D * Kp;
+  float* dvTh = dvT + (b * sh.Hkv + hk) * D * Kp;
+  std::fill(dkTh, dkTh + D * Kp, 0.0f);
+  std::fill(dvTh, dvTh + D * Kp, 0.0f);
+  buf.resize(2 * R * Kp + W);
+  float* p = buf.data() + (-(reinterpret_cast<uintptr_t>(buf.data()) / sizeof(float)) & (W - 1));
   for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
     for (int64_t t0 = 0; t0 < sh.T; t0 += R) {
       const int nr = static_cast<int>(std::min<int64_t>(R, sh.T - t0));
       const int64_t kend = sh.kend(t0 + nr), ks = round_up(std::max<int64_t>(kend, 1), W);
-      float* p = buf.data();
       float* dp = p + R * ks;
       const float* qr = q + ((b * sh.T + t0) * sh.H + h) * D;
       const float* dor = dout + ((b * sh.T + t0) * sh.H + h) * D;
       const float* orow = o + ((b * sh.T + t0) * sh.H + h) * D;
-      scores<ND>(qr, rs, nr, kTh, K, kend, scale, p, ks);
-      add_bias(sh, bias, b, t0, nr, kend, p, ks);
-      float m[R], delta[R], ones[R];
+      float m[R], delta[R], unused[R], scales[R];
+      if (sh.has_bias)
+        scores_t<ND, true>(qr, rs, nr, kTh, Kp, kend, scale, bias + (b * sh.T + t0) * sh.K,
+                           sh.K, p, ks, unused);
+      else
+        scores_t<ND, false>(qr, rs, nr, kTh, Kp, kend, scale, nullptr, 0, p, ks, unused);
+      scores_t<ND, false>(dor, rs, nr, vTh, Kp, kend, 1.0f, nullptr, 0, dp, ks, unused);
       for (int r = 0; r < nr; ++r) {
         m[r] = lse[(b * sh.H + h) * sh.T + t0 + r];
         float dl = 0;
         for (int d = 0; d < D; ++d) dl += dor[r * rs + d] * orow[r * rs + d];
         delta[r] = dl;
-        ones[r] = scale;
+        scales[r] = scale;
       }
-      exp_rows(p, ks, nr, kend, m);
-      scores<ND>(dor, rs, nr, vTh, K, kend, 1.0f, dp, ks);
-      // dS = P * (dP - delta), stored over dp; zero past kend.
+      // P = exp(S - lse) (0 at hidden keys), then dS = P * (dP - delta) over dp.
       for (int r = 0; r < nr; ++r) {
         float* pr = p + r * ks;
         float* dr = dp + r * ks;
-        for (int64_t j = kend; j < ks; ++j) dr[j] = 0.0f;
-        vf dv = splat(delta[r]);
-        for (int64_t j = 0; j < ks; j += W) store(dr + j, load(pr + j) * (load(dr + j) - dv));
+        vf mv = splat(m[r]), dv = splat(delta[r]);
+        for (int64_t j = 0; j < ks; j += W) {
+          vf e = vexp(load(pr + j) - mv);
+          store(pr + j, e);
+          store(dr + j, e * (load(dr + j) - dv));
+        }
+        // Keys past kend were never read by the forward: exactly 0 in P and dS (in a
+        // fully hidden row exp(kHidden - lse) is not small, and dP there is kHidden).
+        for (int64_t j = kend; j < ks; ++j) pr[j] = dr[j] = 0.0f;
+      }
+      const int nr4 = static_cast<int>(round_up(nr, 4));
+      if (nr < nr4) {  // pv_t reads rows in fours
+        std::fill(p + nr * ks, p + nr4 * ks, 0.0f);
+        std::fill(dp + nr * ks, dp + nr4 * ks, 0.0f);
       }
       // dQ = scale * dS.K
-      rows_times<ND>(dp, ks, nr, kh, sh.Hkv * D, kend, ones, dq + ((b * sh.T + t0) * sh.H + h) * D, rs);
-      // dK^T[d][j] += scale * sum_r q[r][d] dS[r][j];  dV^T[d][j] += sum_r dO[r][d] P[r][j]
-      float qs[D][R], dos[D][R];  // transposed, zero rows past nr: the r loop unrolls
+      pv_t<ND>(dp, ks, nr, kTh, Kp, scales, dq + ((b * sh.T + t0) * sh.H + h) * D, rs);
+      float qs[D][R], dos[D][R];  // transposed: the tiles broadcast one row's element
       for (int d = 0; d < D; ++d)
         for (int r = 0; r < R; ++r) {
           qs[d][r] = r < nr ? qr[r * rs + d] * scale : 0.0f;
           dos[d][r] = r < nr ? dor[r * rs + d] : 0.0f;
         }
-      for (int64_t j = 0; j < ks; j += W) {
-        vf dsv[R], pv[R];
-        for (int r = 0; r < R; ++r) {
-          dsv[r] = r < nr ? load(dp + r * ks + j) : vf{};
-          pv[r] = r < nr ? load(p + r * ks + j) : vf{};
-        }
-        const bool full = j + W <= K;
-        for (int d = 0; d < D; ++d) {
-          vf a = {}, c = {};
-          for (int r = 0; r < R; ++r) {
-            a += qs[d][r] * dsv[r];
-            c += dos[d][r] * pv[r];
-          }
-          if (full) {
-            store(dkTh + d * K + j, load(dkTh + d * K + j) + a);
-            store(dvTh + d * K + j, load(dvTh + d * K + j) + c);
-          } else {
-            for (int64_t i = 0; j + i < K; ++i) {
-              dkTh[d * K + j + i] += a[i];
-              dvTh[d * K + j + i] += c[i];
-            }
-          }
-        }
-      }
+      outer_add<ND>(qs, dp, ks, nr, dkTh, Kp);
+      outer_add<ND>(dos, p, ks, nr, dvTh, Kp);
     }
 }
 
 template <int ND>
-ffi::Error backward_impl(const Shape& sh, ffi::ThreadPool& pool, const float* q,
-                         const float* k, const float* kT, const float* vT, const float* bias,
-                         const float* o, const float* lse, const float* dout, float* dq,
-                         float* dkT, float* dvT) {
+ffi::Error backward_t_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
+                           const float* kT, const float* vT, const float* bias, const float* o,
+                           const float* lse, const float* dout, float* dq, float* dkT,
+                           float* dvT) {
   parallel_for(pool, sh.B * sh.Hkv, [&](int64_t i) {
     thread_local std::vector<float> buf;
-    backward_unit<ND>(sh, q, k, kT, vT, bias, o, lse, dout, dq, dkT, dvT, i / sh.Hkv,
-                      i % sh.Hkv, buf);
+    backward_unit_t<ND>(sh, Kp, q, kT, vT, bias, o, lse, dout, dq, dkT, dvT, i / sh.Hkv,
+                        i % sh.Hkv, buf);
   });
   return ffi::Error::Success();
 }
@@ -527,23 +482,31 @@ ffi::Error ForwardT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                                        lse->typed_data()))
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> kT, ffi::Buffer<ffi::F32> vT,
-                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> o,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int64_t causal_from,
-                    bool has_bias, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dkT, ffi::ResultBuffer<ffi::F32> dvT) {
+ffi::Error BackwardT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
+                     ffi::Buffer<ffi::F32> vT, ffi::Buffer<ffi::F32> bias,
+                     ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                     ffi::Buffer<ffi::F32> dout, int64_t causal_from, bool has_bias,
+                     int64_t num_keys, ffi::ResultBuffer<ffi::F32> dq,
+                     ffi::ResultBuffer<ffi::F32> dkT, ffi::ResultBuffer<ffi::F32> dvT) {
   Shape sh;
-  if (auto e = check_shape(q, kT, bias, causal_from, has_bias, &sh); e.failure()) return e;
-  DISPATCH(sh.D / W, backward_impl<ND>(sh, pool, q.typed_data(), k.typed_data(), kT.typed_data(),
-                                      vT.typed_data(), bias.typed_data(), o.typed_data(),
-                                      lse.typed_data(), dout.typed_data(), dq->typed_data(),
-                                      dkT->typed_data(), dvT->typed_data()))
+  if (auto e = check_shape(q, kT, bias, causal_from, false, &sh); e.failure()) return e;
+  const int64_t Kp = sh.K;
+  sh.K = num_keys;
+  sh.has_bias = has_bias;
+  if (Kp % W != 0 || num_keys > Kp || Kp - num_keys >= W ||
+      vT.element_count() != kT.element_count() || dkT->element_count() != kT.element_count())
+    return ffi::Error::InvalidArgument("cpu attention: kT / vT must be [B, Hkv, D, K rounded up to 16]");
+  if (has_bias && bias.element_count() != static_cast<size_t>(sh.B * sh.T * sh.K))
+    return ffi::Error::InvalidArgument("cpu attention: bias must be [B, Q, K]");
+  DISPATCH(sh.D / W, backward_t_impl<ND>(sh, Kp, pool, q.typed_data(), kT.typed_data(),
+                                        vT.typed_data(), bias.typed_data(), o.typed_data(),
+                                        lse.typed_data(), dout.typed_data(), dq->typed_data(),
+                                        dkT->typed_data(), dvT->typed_data()))
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackward, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackwardT, BackwardT,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -553,9 +516,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("causal_from")
                                   .Attr<bool>("has_bias")
+                                  .Attr<int64_t>("num_keys")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
