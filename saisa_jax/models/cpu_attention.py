@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import jaxlib
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels", "attention.cc")
-_TARGETS = ("SaisaAttentionForwardT", "SaisaAttentionBackwardT")
+_TARGETS = ("SaisaAttentionForward", "SaisaAttentionBackward")
 _LOCK = threading.Lock()
 _LIB: list = []  # the loaded library, once registered
 
@@ -119,7 +119,7 @@ def _forward(q, k, v, bias, causal_from):
   b, tq, h, d = q.shape
   kt, vt = _keys_by_column(k), _keys_by_column(v)
   out, lse = jax.ffi.ffi_call(
-      "SaisaAttentionForwardT",
+      "SaisaAttentionForward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)),
       vmap_method="sequential")(q, kt, vt, _dummy_bias() if bias is None else bias,
                                 causal_from=causal_from, has_bias=bias is not None,
@@ -140,7 +140,7 @@ def _attend_fwd(q, k, v, bias, causal_from):
 def _attend_bwd(causal_from, res, do):
   q, kt, vt, tk, bias, out, lse = res
   dq, dkt, dvt = jax.ffi.ffi_call(
-      "SaisaAttentionBackwardT",
+      "SaisaAttentionBackward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(kt.shape, jnp.float32),
        jax.ShapeDtypeStruct(kt.shape, jnp.float32)),
       vmap_method="sequential")(q, kt, vt, _dummy_bias() if bias is None else bias, out, lse,

@@ -128,12 +128,12 @@ struct Shape {
   int64_t kend(int64_t row_end) const { return std::min(K, causal_from + row_end); }
 };
 
-// ---- Forward over transposed, padded keys and values -------------------------------
+// ---- Forward ------------------------------------------------------------------------
 // kT, vT [B, Hkv, D, Kp] with Kp = K rounded up to W (zeros past K): both products
 // vectorise over keys with register tiles of 4 rows x 4 vectors, so each vector load
 // feeds 4 FMAs (a row-major P.V, as this kernel first had, fed 1 per broadcast it
-// loaded); the row max and
-// the row sum ride along the stores instead of extra passes over the scores.
+// loaded); the row max and the row sum ride along the stores instead of extra passes
+// over the scores.
 
 // sums[i] = horizontal sum of a[i], i < 16: a transposing tree of shuffles and adds.
 inline vf reduce16(const vf* a) {
@@ -183,7 +183,7 @@ inline void finish_partial(vf v, int64_t j, int64_t kend, const float* brow, flo
 // m[r] = max_j s[r][j]. Rows r < nr (rows past nr are not written). Groups of 4 rows;
 // within a group, tiles of 4 key vectors while every key is visible, then single vectors.
 template <int ND, bool BIAS>
-void scores_t(const float* q, int64_t q_stride, int nr, const float* kT, int64_t Kp,
+void scores(const float* q, int64_t q_stride, int nr, const float* kT, int64_t Kp,
               int64_t kend, float scale, const float* bias, int64_t b_stride, float* s,
               int64_t ks, float* m) {
   constexpr int D = ND * W;
@@ -244,7 +244,7 @@ void scores_t(const float* q, int64_t q_stride, int nr, const float* kT, int64_t
 // out[r][d] = alpha[r] * sum_{j < ks} p[r][j] * vT[d][j], rows r < nr (p rows past nr
 // are read as given: the caller zeroes them).
 template <int ND>
-void pv_t(const float* p, int64_t ks, int nr, const float* vT, int64_t Kp, const float* alpha,
+void pv(const float* p, int64_t ks, int nr, const float* vT, int64_t Kp, const float* alpha,
           float* out, int64_t o_stride) {
   constexpr int D = ND * W;
   for (int r0 = 0; r0 < nr; r0 += 4)
@@ -264,7 +264,7 @@ void pv_t(const float* p, int64_t ks, int nr, const float* vT, int64_t Kp, const
 }
 
 template <int ND>
-void forward_block_t(const Shape& sh, int64_t Kp, const float* q, const float* kT,
+void forward_block(const Shape& sh, int64_t Kp, const float* q, const float* kT,
                      const float* vT, const float* bias, float* o, float* lse, int64_t b,
                      int64_t h, int64_t t0, std::vector<float>& buf) {
   const int64_t D = ND * W, G = sh.H / sh.Hkv, hk = h / G;
@@ -279,10 +279,10 @@ void forward_block_t(const Shape& sh, int64_t Kp, const float* q, const float* k
   const float* qr = q + ((b * sh.T + t0) * sh.H + h) * D;
   const float scale = 1.0f / std::sqrt(float(D));
   if (sh.has_bias)
-    scores_t<ND, true>(qr, sh.H * D, nr, kTh, Kp, kend, scale, bias + (b * sh.T + t0) * sh.K,
+    scores<ND, true>(qr, sh.H * D, nr, kTh, Kp, kend, scale, bias + (b * sh.T + t0) * sh.K,
                        sh.K, s, ks, m);
   else
-    scores_t<ND, false>(qr, sh.H * D, nr, kTh, Kp, kend, scale, nullptr, 0, s, ks, m);
+    scores<ND, false>(qr, sh.H * D, nr, kTh, Kp, kend, scale, nullptr, 0, s, ks, m);
   for (int r = 0; r < nr; ++r) {
     float* sr = s + r * ks;
     vf mv = splat(m[r]), acc = {};
@@ -296,26 +296,26 @@ void forward_block_t(const Shape& sh, int64_t Kp, const float* q, const float* k
     lse[(b * sh.H + h) * sh.T + t0 + r] = m[r] + std::log(sum > 0 ? sum : 1.0f);
   }
   if (nr % 4) std::fill(s + nr * ks, s + round_up(nr, 4) * ks, 0.0f);
-  pv_t<ND>(s, ks, nr, vTh, Kp, inv, o + ((b * sh.T + t0) * sh.H + h) * D, sh.H * D);
+  pv<ND>(s, ks, nr, vTh, Kp, inv, o + ((b * sh.T + t0) * sh.H + h) * D, sh.H * D);
 }
 
 template <int ND>
-ffi::Error forward_t_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
+ffi::Error forward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
                           const float* kT, const float* vT, const float* bias, float* o,
                           float* lse) {
   const int64_t blocks = (sh.T + R - 1) / R, n = sh.B * sh.H * blocks;
   parallel_for(pool, n, [&](int64_t i) {
     thread_local std::vector<float> buf;
     int64_t t0 = (i % blocks) * R, bh = i / blocks;
-    forward_block_t<ND>(sh, Kp, q, kT, vT, bias, o, lse, bh / sh.H, bh % sh.H, t0, buf);
+    forward_block<ND>(sh, Kp, q, kT, vT, bias, o, lse, bh / sh.H, bh % sh.H, t0, buf);
   });
   return ffi::Error::Success();
 }
 
-// ---- Backward over transposed, padded keys and values ------------------------------
+// ---- Backward -----------------------------------------------------------------------
 // kT, vT, dkT, dvT [B, Hkv, D, Kp] as the forward's. Per row block: P from the saved
-// log-sum-exp and dP = dO.V^T (scores_t's tiles), dS = P * (dP - delta), dQ = dS.K
-// (pv_t with K by column), and dK^T += scale Q^T.dS, dV^T += dO^T.P as tiles of
+// log-sum-exp and dP = dO.V^T (the forward's score tiles), dS = P * (dP - delta), dQ = dS.K
+// (pv with K by column), and dK^T += scale Q^T.dS, dV^T += dO^T.P as tiles of
 // 4 head dims x 4 key vectors held in registers over the block's rows.
 
 // acc^T[d][j] += sum_{r < nr} a[r][d] * x[r][j] for d < D, j < ks (a given transposed:
@@ -356,7 +356,7 @@ void outer_add(const float (*at)[R], const float* x, int64_t ks, int nr, float* 
 // One (batch, kv head): every query head of the group and every row block, so the
 // key/value gradients of the unit are written by one thread.
 template <int ND>
-void backward_unit_t(const Shape& sh, int64_t Kp, const float* q, const float* kT,
+void backward_unit(const Shape& sh, int64_t Kp, const float* q, const float* kT,
                      const float* vT, const float* bias, const float* o, const float* lse,
                      const float* dout, float* dq, float* dkT, float* dvT, int64_t b,
                      int64_t hk, std::vector<float>& buf) {
@@ -381,11 +381,11 @@ void backward_unit_t(const Shape& sh, int64_t Kp, const float* q, const float* k
       const float* orow = o + ((b * sh.T + t0) * sh.H + h) * D;
       float m[R], delta[R], unused[R], scales[R];
       if (sh.has_bias)
-        scores_t<ND, true>(qr, rs, nr, kTh, Kp, kend, scale, bias + (b * sh.T + t0) * sh.K,
+        scores<ND, true>(qr, rs, nr, kTh, Kp, kend, scale, bias + (b * sh.T + t0) * sh.K,
                            sh.K, p, ks, unused);
       else
-        scores_t<ND, false>(qr, rs, nr, kTh, Kp, kend, scale, nullptr, 0, p, ks, unused);
-      scores_t<ND, false>(dor, rs, nr, vTh, Kp, kend, 1.0f, nullptr, 0, dp, ks, unused);
+        scores<ND, false>(qr, rs, nr, kTh, Kp, kend, scale, nullptr, 0, p, ks, unused);
+      scores<ND, false>(dor, rs, nr, vTh, Kp, kend, 1.0f, nullptr, 0, dp, ks, unused);
       for (int r = 0; r < nr; ++r) {
         m[r] = lse[(b * sh.H + h) * sh.T + t0 + r];
         float dl = 0;
@@ -408,12 +408,12 @@ void backward_unit_t(const Shape& sh, int64_t Kp, const float* q, const float* k
         for (int64_t j = kend; j < ks; ++j) pr[j] = dr[j] = 0.0f;
       }
       const int nr4 = static_cast<int>(round_up(nr, 4));
-      if (nr < nr4) {  // pv_t reads rows in fours
+      if (nr < nr4) {  // pv reads rows in fours
         std::fill(p + nr * ks, p + nr4 * ks, 0.0f);
         std::fill(dp + nr * ks, dp + nr4 * ks, 0.0f);
       }
       // dQ = scale * dS.K
-      pv_t<ND>(dp, ks, nr, kTh, Kp, scales, dq + ((b * sh.T + t0) * sh.H + h) * D, rs);
+      pv<ND>(dp, ks, nr, kTh, Kp, scales, dq + ((b * sh.T + t0) * sh.H + h) * D, rs);
       float qs[D][R], dos[D][R];  // transposed: the tiles broadcast one row's element
       for (int d = 0; d < D; ++d)
         for (int r = 0; r < R; ++r) {
@@ -426,30 +426,38 @@ void backward_unit_t(const Shape& sh, int64_t Kp, const float* q, const float* k
 }
 
 template <int ND>
-ffi::Error backward_t_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
+ffi::Error backward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
                            const float* kT, const float* vT, const float* bias, const float* o,
                            const float* lse, const float* dout, float* dq, float* dkT,
                            float* dvT) {
   parallel_for(pool, sh.B * sh.Hkv, [&](int64_t i) {
     thread_local std::vector<float> buf;
-    backward_unit_t<ND>(sh, Kp, q, kT, vT, bias, o, lse, dout, dq, dkT, dvT, i / sh.Hkv,
+    backward_unit<ND>(sh, Kp, q, kT, vT, bias, o, lse, dout, dq, dkT, dvT, i / sh.Hkv,
                         i % sh.Hkv, buf);
   });
   return ffi::Error::Success();
 }
 
+// q [B, T, H, D]; kT, vT [B, Hkv, D, Kp] with Kp = num_keys rounded up to 16; bias
+// [B, T, num_keys] when has_bias. Fills sh (K = num_keys) and Kp.
 ffi::Error check_shape(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
-                       ffi::Buffer<ffi::F32> bias, int64_t causal_from, bool has_bias,
-                       Shape* sh) {
+                       ffi::Buffer<ffi::F32> vT, ffi::Buffer<ffi::F32> bias,
+                       int64_t causal_from, bool has_bias, int64_t num_keys, Shape* sh,
+                       int64_t* Kp) {
   auto qd = q.dimensions(), kd = kT.dimensions();
   if (qd.size() != 4 || kd.size() != 4)
     return ffi::Error::InvalidArgument("cpu attention: q and kT must be rank 4");
-  *sh = Shape{qd[0], qd[1], qd[2], kd[1], kd[3], qd[3], causal_from, has_bias};
+  *sh = Shape{qd[0], qd[1], qd[2], kd[1], num_keys, qd[3], causal_from, has_bias};
+  *Kp = kd[3];
   if (sh->D % W != 0 || sh->D > 256 || kd[2] != sh->D || kd[0] != sh->B ||
       sh->H % sh->Hkv != 0)
     return ffi::Error::InvalidArgument("cpu attention: head dim must be a multiple of 16 "
                                        "(<= 256) and heads a multiple of kv heads");
-  if (has_bias && bias.element_count() != static_cast<size_t>(sh->B * sh->T * sh->K))
+  if (*Kp % W != 0 || num_keys > *Kp || *Kp - num_keys >= W ||
+      vT.element_count() != kT.element_count())
+    return ffi::Error::InvalidArgument("cpu attention: kT / vT must be [B, Hkv, D, K rounded "
+                                       "up to 16]");
+  if (has_bias && bias.element_count() != static_cast<size_t>(sh->B * sh->T * num_keys))
     return ffi::Error::InvalidArgument("cpu attention: bias must be [B, Q, K]");
   return ffi::Error::Success();
 }
@@ -464,41 +472,32 @@ ffi::Error check_shape(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
     default: return ffi::Error::InvalidArgument("cpu attention: head dim 16/32/64/128/256"); \
   }
 
-ffi::Error ForwardT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
                     ffi::Buffer<ffi::F32> vT, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
                     bool has_bias, int64_t num_keys, ffi::ResultBuffer<ffi::F32> o,
                     ffi::ResultBuffer<ffi::F32> lse) {
   Shape sh;
-  if (auto e = check_shape(q, kT, bias, causal_from, false, &sh); e.failure()) return e;
-  const int64_t Kp = sh.K;
-  sh.K = num_keys;
-  sh.has_bias = has_bias;
-  if (Kp % W != 0 || num_keys > Kp || Kp - num_keys >= W || vT.element_count() != kT.element_count())
-    return ffi::Error::InvalidArgument("cpu attention: kT / vT must be [B, Hkv, D, K rounded up to 16]");
-  if (has_bias && bias.element_count() != static_cast<size_t>(sh.B * sh.T * sh.K))
-    return ffi::Error::InvalidArgument("cpu attention: bias must be [B, Q, K]");
-  DISPATCH(sh.D / W, forward_t_impl<ND>(sh, Kp, pool, q.typed_data(), kT.typed_data(),
+  int64_t Kp;
+  if (auto e = check_shape(q, kT, vT, bias, causal_from, has_bias, num_keys, &sh, &Kp);
+      e.failure())
+    return e;
+  DISPATCH(sh.D / W, forward_impl<ND>(sh, Kp, pool, q.typed_data(), kT.typed_data(),
                                        vT.typed_data(), bias.typed_data(), o->typed_data(),
                                        lse->typed_data()))
 }
 
-ffi::Error BackwardT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
                      ffi::Buffer<ffi::F32> vT, ffi::Buffer<ffi::F32> bias,
                      ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
                      ffi::Buffer<ffi::F32> dout, int64_t causal_from, bool has_bias,
                      int64_t num_keys, ffi::ResultBuffer<ffi::F32> dq,
                      ffi::ResultBuffer<ffi::F32> dkT, ffi::ResultBuffer<ffi::F32> dvT) {
   Shape sh;
-  if (auto e = check_shape(q, kT, bias, causal_from, false, &sh); e.failure()) return e;
-  const int64_t Kp = sh.K;
-  sh.K = num_keys;
-  sh.has_bias = has_bias;
-  if (Kp % W != 0 || num_keys > Kp || Kp - num_keys >= W ||
-      vT.element_count() != kT.element_count() || dkT->element_count() != kT.element_count())
-    return ffi::Error::InvalidArgument("cpu attention: kT / vT must be [B, Hkv, D, K rounded up to 16]");
-  if (has_bias && bias.element_count() != static_cast<size_t>(sh.B * sh.T * sh.K))
-    return ffi::Error::InvalidArgument("cpu attention: bias must be [B, Q, K]");
-  DISPATCH(sh.D / W, backward_t_impl<ND>(sh, Kp, pool, q.typed_data(), kT.typed_data(),
+  int64_t Kp;
+  if (auto e = check_shape(q, kT, vT, bias, causal_from, has_bias, num_keys, &sh, &Kp);
+      e.failure())
+    return e;
+  DISPATCH(sh.D / W, backward_impl<ND>(sh, Kp, pool, q.typed_data(), kT.typed_data(),
                                         vT.typed_data(), bias.typed_data(), o.typed_data(),
                                         lse.typed_data(), dout.typed_data(), dq->typed_data(),
                                         dkT->typed_data(), dvT->typed_data()))
@@ -506,7 +505,7 @@ ffi::Error BackwardT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackwardT, BackwardT,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -523,7 +522,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackwardT, BackwardT,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionForwardT, ForwardT,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
