@@ -79,12 +79,11 @@ class VisionTower(nn.Module):
   @nn.compact
   def __call__(self, images):
     c = self.cfg
-    b, hgt, wid, ch = images.shape
-    p = c.patch_size
+    b, hgt, wid, _ = images.shape
     if hgt != c.image_size or wid != c.image_size:
       raise ValueError(f"images are {hgt}x{wid}; the vision tower expects "
                        f"{c.image_size}x{c.image_size} (model.vision.image_size)")
-    x = PatchEmbed(c.hidden_size, p, self.dtype, name="patch_embed")(images)
+    x = PatchEmbed(c.hidden_size, c.patch_size, self.dtype, name="patch_embed")(images)
     x = x.reshape(b, c.num_patches, c.hidden_size)
     cls = self.param("class_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("vision_embed",)), (c.hidden_size,), jnp.float32)
