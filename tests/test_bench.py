@@ -29,17 +29,20 @@ def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
   assert report["meta"]["train_unroll"] == "full"
   assert set(res) == {"saisa", "naavit", "llava"}
   for name, ops in res.items():
-    for op in ("forward", "train_step", "prefill", "decode"):
+    for op in ("forward", "train_step", "prefill", "prefill_lm", "decode"):
       assert ops[op]["ms"] > 0 and ops[op]["p25"] <= ops[op]["ms"] <= ops[op]["p75"], (name, op)
     assert ops["prefill"]["gflops"] > 0 and ops["train_step"]["mem_mb"] > 0
+    # The LM side alone is the prefill less the tower's work.
+    assert 0 < ops["prefill_lm"]["gflops"] < ops["prefill"]["gflops"], name
   # Counted FLOPs: saisa's text-only layers do less work than llava's full sequence.
   assert res["saisa"]["prefill"]["gflops"] < res["llava"]["prefill"]["gflops"]
   assert res["saisa"]["train_step"]["gflops"] < res["llava"]["train_step"]["gflops"]
   assert (tmp_path / "bench.png").stat().st_size > 0
   assert "| default | saisa |" in (tmp_path / "bench.md").read_text()
-  last = proc.stdout.strip().splitlines()[-2:]
-  assert last[0].startswith("prefill saisa/llava: ")
-  assert last[1].startswith("train step saisa/llava: ")
+  last = proc.stdout.strip().splitlines()[-3:]
+  assert last[0].startswith("LM side (tower features given): prefill saisa/llava ")
+  assert last[1].startswith("prefill saisa/llava: ")
+  assert last[2].startswith("train step saisa/llava: ")
 
 
 def test_mfu_is_model_flops_over_the_device_peak(monkeypatch):

@@ -91,3 +91,23 @@ def test_top_p_sampling_keeps_only_the_nucleus():
   seen = {int(sample_token(logits, jax.random.key(i), 1.0, 1.0)[0]) for i in range(400)}
   assert seen == {0, 1, 2, 3}
   assert int(sample_token(logits, jax.random.key(0), 0.0, 1.0)[0]) == 0
+
+
+@pytest.mark.parametrize("alignment", ["saisa", "llava", "naavit"])
+def test_prefill_from_precomputed_tower_features_equals_prefill_from_images(alignment):
+  """tower_features once, then prefill(features=) without the images: the same logits
+  and cache as running the tower inside prefill (text-only rows and empty slots too)."""
+  model, cfg, params = _model(alignment)
+  samples = [pack_sample(p, cfg.num_visual) for p in PROMPTS]
+  batch = collate(samples, max(len(s["tokens"]) for s in samples), 2, (16, 16))
+  size = batch["tokens"].shape[1] + 2 * cfg.num_visual + 3
+  want = model.apply({"params": params}, batch, size, method=model.prefill)
+  feats = model.apply({"params": params}, batch, method=model.tower_features)
+  assert feats.shape == (8, 2 * cfg.num_visual, VISION.hidden_size)
+  no_images = {k: v for k, v in batch.items() if k != "images"}
+  got = model.apply({"params": params}, no_images, size, features=feats, method=model.prefill)
+  for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=0)
+  with pytest.raises(ValueError, match="need .* \\(tower_features\\)"):
+    model.apply({"params": params}, no_images, size, features=feats[:, :-1],
+                method=model.prefill)

@@ -63,13 +63,29 @@ class SaisaModel(nn.Module):
       self.projector = MLPProjector(self.cfg.llm.hidden_size, dt)
     self.decoder = Decoder(self.cfg)
 
-  def image_features(self, images, image_slots):
-    """images float[B, N, H, W, 3], image_slots int32[B, N] ->
-    feats float[B, N*P, c], positions int32[B, N*P], valid bool[B, N*P]."""
+  def tower_features(self, batch):
+    """The CLIP tower's output for the batch's images: float[B, N*P, c]
+    (hidden_states[select_layer], CLS dropped). Computed once, it can be handed to
+    `prefill(..., features=)` for every prompt about the same images."""
+    images, image_slots = batch["images"], batch["image_slots"]
+    b, n = image_slots.shape
+    feats = self.vision(images.reshape((b * n,) + images.shape[2:]))
+    return feats.reshape(b, n * self.cfg.vision.num_patches, feats.shape[-1])
+
+  def image_features(self, batch, features=None):
+    """-> feats float[B, N*P, c] (`features`, else the tower run on batch["images"]),
+    positions int32[B, N*P], valid bool[B, N*P] (from image_slots int32[B, N])."""
+    image_slots = batch["image_slots"]
     b, n = image_slots.shape
     p = self.cfg.vision.num_patches
-    feats = self.vision(images.reshape((b * n,) + images.shape[2:]))
-    feats = feats.reshape(b, n * p, feats.shape[-1])
+    if features is None:
+      feats = self.tower_features(batch)
+    else:
+      feats = features
+      want = (b, n * p, self.cfg.vision.hidden_size)
+      if tuple(feats.shape) != want:
+        raise ValueError(f"features have shape {tuple(feats.shape)}; the batch's "
+                         f"{n} image slot(s) of {p} patches need {want} (tower_features)")
     positions = (image_slots[:, :, None] + jnp.arange(p, dtype=jnp.int32)).reshape(b, n * p)
     valid = jnp.repeat(image_slots >= 0, p, axis=1)
     return feats, positions, valid
@@ -87,16 +103,18 @@ class SaisaModel(nn.Module):
         (q_pos, q_visual, k_pos, k_visual, k_valid))
     return mask_bias(attention_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment))
 
-  def _forward(self, batch, return_kv: bool = False):
+  def _forward(self, batch, return_kv: bool = False, features=None):
     """-> (text hidden float[B, L, d] in the batch's token order, kv or None, key
-    positions int32[B, K], key validity bool[B, K]).
+    positions int32[B, K], key validity bool[B, K]). `features` (tower_features),
+    when given, stand in for the tower on batch["images"] (which may then be absent).
 
     The layers see their rows (text; [visual; text] for llava / naavit) sorted by
     sequence position, padding last, so that no row attends to a later row and the
     decoder may skip the scores above the diagonal (attention.py). The keys, and so
     the KV cache, are [visual (N*P); rows]: saisa's visual keys first, unsorted."""
     tokens, positions, text_mask = batch["tokens"], batch["positions"], batch["text_mask"]
-    has_images = batch.get("images") is not None and batch["image_slots"].shape[1] > 0
+    has_images = ((batch.get("images") is not None or features is not None)
+                  and batch["image_slots"].shape[1] > 0)
     x = self.decoder.embed(tokens)
     q_visual = jnp.zeros(tokens.shape, bool)
     if not has_images:
@@ -108,7 +126,7 @@ class SaisaModel(nn.Module):
       x, kv = out if return_kv else (out, None)
       return _ungather_rows(order, x), kv, positions, text_mask
 
-    feats, vis_pos, vis_valid = self.image_features(batch["images"], batch["image_slots"])
+    feats, vis_pos, vis_valid = self.image_features(batch, features)
     n_vis = vis_pos.shape[1]
     if self.cfg.alignment == "saisa":
       order = _position_order(positions, text_mask)
@@ -134,9 +152,9 @@ class SaisaModel(nn.Module):
   def __call__(self, batch):
     return self.decoder.logits(self._forward(batch)[0])
 
-  def prefill(self, batch, cache_size: int):
+  def prefill(self, batch, cache_size: int, features=None):
     """Runs the prompt; returns (logits float32[B, vocab] of each row's last text token,
-    cache). The cache holds every layer's keys/values in the forward's key order
+    cache). `features`: the batch's tower_features, when already computed. The cache holds every layer's keys/values in the forward's key order
     [visual; text], padded to `cache_size` slots S:
       k      float[layers, B, Hkv, hd, S]  keys transposed, and
       v      float[layers, B, Hkv, S, hd]  values head-major: the layouts in which a
@@ -147,7 +165,7 @@ class SaisaModel(nn.Module):
     In saisa mode the visual slots come from the batched visual pass; decode steps
     then cost text only. With model.layer_layout=per_layer, k and v are lists of the
     layers' [B, ...] arrays (each its own buffer: a decode step slices nothing)."""
-    x, (k, v), k_pos, k_valid = self._forward(batch, return_kv=True)
+    x, (k, v), k_pos, k_valid = self._forward(batch, return_kv=True, features=features)
     b, keys = k_pos.shape
     if cache_size < keys:
       raise ValueError(f"cache_size {cache_size} < the prompt's {keys} keys")
