@@ -154,8 +154,9 @@ class SaisaModel(nn.Module):
 
   def prefill(self, batch, cache_size: int, features=None):
     """Runs the prompt; returns (logits float32[B, vocab] of each row's last text token,
-    cache). `features`: the batch's tower_features, when already computed. The cache holds every layer's keys/values in the forward's key order
-    [visual; text], padded to `cache_size` slots S:
+    cache). `features`: the batch's tower_features, when already computed. The cache
+    holds every layer's keys/values in the forward's key order [visual; text], padded
+    to `cache_size` slots S:
       k      float[layers, B, Hkv, hd, S]  keys transposed, and
       v      float[layers, B, Hkv, S, hd]  values head-major: the layouts in which a
              decode step's two attention products read the cache without copying it
