@@ -325,8 +325,7 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
                             .astype(np.float32)).to(device=device, dtype=tdtype)
   # Logits only where ours compute them (HF computes all rows' by default): the text
   # rows in forward and train step, the last row in prefill (as HF's generate asks).
-  text_rows = torch.from_numpy(np.concatenate(
-      [np.arange(lead), lead + nv + np.arange(text - lead)])).long().to(device)
+  text_rows = (ids[0] != image_token).nonzero().squeeze(1)  # every row has one layout
   targets = torch.from_numpy(rng.integers(3, llm.vocab_size, (batch, text))).long().to(device)
   out = {}
   model.eval()
