@@ -31,6 +31,7 @@ and ends with
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -73,6 +74,15 @@ _TRAIN_UNROLL = flags.DEFINE_string(
     "(every layer; on XLA:CPU a scanned backward stacks every layer's residuals into "
     "zero-filled buffers and slices them back: smollm2 llava 4459 -> 4089 ms, tiny 50 "
     "-> 38 ms unrolled) or a number (1: the scan, as configs/saisa.py trains on TPU).")
+_ALIGNMENTS = flags.DEFINE_list(
+    "alignments", ["saisa", "naavit", "llava"], "Stacks timed (saisa and llava always: "
+    "the summary lines compare them); dropping naavit saves its compiles on a GPU.")
+_FLOPS_FROM = flags.DEFINE_enum(
+    "flops_from", "auto", ["auto", "compiled", "lowered"],
+    "Where XLA's FLOP count comes from: the compiled unrolled twin, or its lowered HLO "
+    "(no compile: a GPU compiles a 24-layer unrolled CLIP tower for minutes; at tiny on "
+    "CPU the two counts differ by 0.1% (saisa) and 0.8% (llava) forward). auto: "
+    "compiled on CPU, lowered elsewhere.")
 _ATTENTION = flags.DEFINE_string(
     "attention", "auto", "model.attention (see models/config.py); auto: cpu (the fused C++ "
     "kernel) on a CPU backend in float32 when a C++ compiler is found, else einsum.")
@@ -178,23 +188,33 @@ def timed(fn, repeats: int, warmup: int = 2, setup=None, warmup_s: float = 1.0,
   return {"ms": statistics.median(times), "p25": q[0], "p75": q[2]}
 
 
-def compiled_stats(jitted, args, counted, counted_args=None) -> dict:
+def compiled_stats(jitted, args, counted, counted_args=None, flops_from: str = "compiled"
+                   ) -> dict:
   """Memory of `jitted` (the timed program) on `args`, FLOPs of `counted` (its
-  unrolled, stacked twin) on `counted_args` (default: `args`)."""
+  unrolled, stacked twin) on `counted_args` (default: `args`), from the twin compiled or
+  only lowered (`flops_from`, see --flops_from)."""
   mem = jitted.lower(*args).compile().memory_analysis()
-  cost = counted.lower(*(args if counted_args is None else counted_args)
-                       ).compile().cost_analysis() or {}
+  lowered = counted.lower(*(args if counted_args is None else counted_args))
+  cost = (lowered.compile() if flops_from == "compiled" else lowered).cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"gflops": float(cost.get("flops", 0.0)) / 1e9,
           "mem_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20 if mem else None}
 
 
+def flops_source(flops_from: str = "auto") -> str:
+  """--flops_from auto -> compiled on CPU (the recorded CPU runs), lowered elsewhere."""
+  if flops_from != "auto":
+    return flops_from
+  return "compiled" if jax.default_backend() == "cpu" else "lowered"
+
+
 def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: int,
               repeats: int, train_tower: bool = False, train_unroll: str = "full",
-              **model_kw) -> dict:
+              flops_from: str = "auto", **model_kw) -> dict:
   """model_kw: dtype, remat, llm_layers, attention (model_config). Forward, prefill
   and decode run in the serving layout (layer_layout.for_serving), the train step in
   the stacked layout with `train_unroll` layers unrolled per scan step."""
+  stats_of = functools.partial(compiled_stats, flops_from=flops_source(flops_from))
   model, cfg = build(model_config(preset, alignment, **model_kw))
   counted, _ = build(model_config(preset, alignment, unrolled=True, **model_kw))
   unroll = 1 << 30 if train_unroll == "full" else int(train_unroll)
@@ -210,13 +230,13 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   fwd = jax.jit(lambda p, b: served.apply({"params": p}, b))
   fwd_u = jax.jit(lambda p, b: counted.apply({"params": p}, b))
   out["forward"] = {**timed(lambda: fwd(sparams, infer), repeats),
-                    **compiled_stats(fwd, (sparams, infer), fwd_u, (params, infer))}
+                    **stats_of(fwd, (sparams, infer), fwd_u, (params, infer))}
 
   size = text + cfg.num_visual + decode_steps
   prefill = jax.jit(lambda p, b: served.apply({"params": p}, b, size, method=served.prefill))
   prefill_u = jax.jit(lambda p, b: counted.apply({"params": p}, b, size, method=counted.prefill))
   out["prefill"] = {**timed(lambda: prefill(sparams, infer), repeats),
-                    **compiled_stats(prefill, (sparams, infer), prefill_u, (params, infer))}
+                    **stats_of(prefill, (sparams, infer), prefill_u, (params, infer))}
 
   # The LM side alone: the tower's features computed beforehand (what the reference's
   # FLOPs formula counts; the tower is the same program in every stack).
@@ -228,7 +248,7 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   prefill_lm_u = jax.jit(lambda p, b, f: counted.apply({"params": p}, b, size, features=f,
                                                        method=counted.prefill))
   out["prefill_lm"] = {**timed(lambda: prefill_lm(sparams, lm_batch, feats), repeats),
-                       **compiled_stats(prefill_lm, (sparams, lm_batch, feats), prefill_lm_u,
+                       **stats_of(prefill_lm, (sparams, lm_batch, feats), prefill_lm_u,
                                         (params, lm_batch, feats))}
 
   # As saisa-eval runs it: the cache is donated and updated in place.
@@ -239,7 +259,7 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   logits, cache = prefill(sparams, infer)
   tokens = jnp.argmax(logits, -1).astype(jnp.int32)
   stacked_cache = jax.eval_shape(prefill_u, params, infer)[1]
-  stats = compiled_stats(decode, (sparams, tokens, cache), decode_u,
+  stats = stats_of(decode, (sparams, tokens, cache), decode_u,
                          (params, tokens, stacked_cache))
   fresh = {}
 
@@ -269,7 +289,7 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   # The step donates its state: give it its own copy of the params.
   own = jax.tree.map(jnp.copy, params)
   state = {"step": jnp.zeros((), jnp.int32), "params": own, "opt_state": tx.init(own)}
-  stats = compiled_stats(step, (state, data), step_u)
+  stats = stats_of(step, (state, data), step_u)
   holder = {"state": state}
 
   def one_step():
@@ -314,7 +334,8 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
                                  image_token_index=image_token,
                                  vision_feature_layer=vis.select_layer,
                                  vision_feature_select_strategy="default")
-  model = transformers.LlavaForConditionalGeneration(cfg).to(device=device, dtype=tdtype)
+  with torch.device(device):  # built where it runs: a 7B-width init on the host is slow
+    model = transformers.LlavaForConditionalGeneration(cfg).to(dtype=tdtype)
   nv = (vis.image_size // vis.patch_size) ** 2
   rng = np.random.default_rng(0)
   lead = 8
@@ -449,6 +470,12 @@ def main(argv=None):
 def _main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
+  alignments = [a for a in ALIGNMENTS if a in _ALIGNMENTS.value]  # saisa first
+  unknown = set(_ALIGNMENTS.value) - set(ALIGNMENTS)
+  if unknown or not {"saisa", "llava"} <= set(alignments):
+    raise SystemExit(f"--alignments {','.join(_ALIGNMENTS.value)}: name saisa and llava "
+                     f"(the summary lines compare them), optionally naavit; "
+                     f"unknown: {sorted(unknown) or 'none'}")
   os.makedirs(_OUT.value, exist_ok=True)
   results, attention = {}, {}
   for preset in _PRESETS.value:
@@ -456,11 +483,11 @@ def _main(argv):
       raise SystemExit(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     results[preset] = {}
     attention[preset] = resolve_attention(_ATTENTION.value, preset, _DTYPE.value)
-    for alignment in ALIGNMENTS:
+    for alignment in alignments:
       print(f"[bench] {preset} {alignment} (attention {attention[preset]})", flush=True)
       results[preset][alignment] = bench_jax(
           preset, alignment, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
-          _TRAIN_TOWER.value, _TRAIN_UNROLL.value, dtype=_DTYPE.value, remat=_REMAT.value,
+          _TRAIN_TOWER.value, _TRAIN_UNROLL.value, _FLOPS_FROM.value, dtype=_DTYPE.value, remat=_REMAT.value,
           llm_layers=_LLM_LAYERS.value, attention=attention[preset])
     if _TORCH.value:
       print(f"[bench] {preset} hf_llava (PyTorch)", flush=True)
@@ -477,7 +504,7 @@ def _main(argv):
         hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
   meta = {"device": kind, "cpu_count": os.cpu_count(), "peak_tflops": peak_tflops(kind),
           "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": attention,
-          "train_unroll": _TRAIN_UNROLL.value,
+          "train_unroll": _TRAIN_UNROLL.value, "flops_from": flops_source(_FLOPS_FROM.value),
           "serve_layout": serving_layout(build(model_config(next(iter(results)), "saisa"))[1]),
           "llm_layers": {p: model_config(p, "llava", llm_layers=_LLM_LAYERS.value
                                          ).llm.num_layers for p in results},
