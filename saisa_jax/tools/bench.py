@@ -20,8 +20,9 @@ all). FLOPs are XLA's count of the same function compiled with every scan unroll
 memory is XLA's arguments + temporaries of the timed program. The train step is the
 stage-2 recipe's (LLM + projector(s) trained, CLIP tower frozen; --train_tower trains it
 too), in both stacks. Like the other entry points it restarts itself with glibc's
-hugetlb malloc (saisa_jax/hugepages.py); the PyTorch peer runs in a child process with
-the default malloc, which is faster for it. Writes bench.json, bench.md and bench.png,
+hugetlb malloc (saisa_jax/hugepages.py); the PyTorch peers run first, each in a child
+process with the default malloc (faster for it), with the accelerator to themselves.
+--alignments saisa,llava skips naavit. Writes bench.json, bench.md and bench.png,
 and ends with
 
   LM side (tower features given): prefill saisa/llava R, saisa speedup vs HF Llava S
@@ -31,7 +32,6 @@ and ends with
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import statistics
@@ -77,12 +77,6 @@ _TRAIN_UNROLL = flags.DEFINE_string(
 _ALIGNMENTS = flags.DEFINE_list(
     "alignments", ["saisa", "naavit", "llava"], "Stacks timed (saisa and llava always: "
     "the summary lines compare them); dropping naavit saves its compiles on a GPU.")
-_FLOPS_FROM = flags.DEFINE_enum(
-    "flops_from", "auto", ["auto", "compiled", "lowered"],
-    "Where XLA's FLOP count comes from: the compiled unrolled twin, or its lowered HLO "
-    "(no compile: a GPU compiles a 24-layer unrolled CLIP tower for minutes; at tiny on "
-    "CPU the two counts differ by 0.1% (saisa) and 0.8% (llava) forward). auto: "
-    "compiled on CPU, lowered elsewhere.")
 _ATTENTION = flags.DEFINE_string(
     "attention", "auto", "model.attention (see models/config.py); auto: cpu (the fused C++ "
     "kernel) on a CPU backend in float32 when a C++ compiler is found, else einsum.")
@@ -188,33 +182,24 @@ def timed(fn, repeats: int, warmup: int = 2, setup=None, warmup_s: float = 1.0,
   return {"ms": statistics.median(times), "p25": q[0], "p75": q[2]}
 
 
-def compiled_stats(jitted, args, counted, counted_args=None, flops_from: str = "compiled"
-                   ) -> dict:
+def compiled_stats(jitted, args, counted, counted_args=None) -> dict:
   """Memory of `jitted` (the timed program) on `args`, FLOPs of `counted` (its
-  unrolled, stacked twin) on `counted_args` (default: `args`), from the twin compiled or
-  only lowered (`flops_from`, see --flops_from)."""
+  unrolled, stacked twin, compiled: the lowered program's cost analysis gives no FLOPs
+  on a GPU) on `counted_args` (default: `args`)."""
   mem = jitted.lower(*args).compile().memory_analysis()
-  lowered = counted.lower(*(args if counted_args is None else counted_args))
-  cost = (lowered.compile() if flops_from == "compiled" else lowered).cost_analysis() or {}
+  cost = counted.lower(*(args if counted_args is None else counted_args)
+                       ).compile().cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"gflops": float(cost.get("flops", 0.0)) / 1e9,
           "mem_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20 if mem else None}
 
 
-def flops_source(flops_from: str = "auto") -> str:
-  """--flops_from auto -> compiled on CPU (the recorded CPU runs), lowered elsewhere."""
-  if flops_from != "auto":
-    return flops_from
-  return "compiled" if jax.default_backend() == "cpu" else "lowered"
-
-
 def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: int,
               repeats: int, train_tower: bool = False, train_unroll: str = "full",
-              flops_from: str = "auto", **model_kw) -> dict:
+              **model_kw) -> dict:
   """model_kw: dtype, remat, llm_layers, attention (model_config). Forward, prefill
   and decode run in the serving layout (layer_layout.for_serving), the train step in
   the stacked layout with `train_unroll` layers unrolled per scan step."""
-  stats_of = functools.partial(compiled_stats, flops_from=flops_source(flops_from))
   model, cfg = build(model_config(preset, alignment, **model_kw))
   counted, _ = build(model_config(preset, alignment, unrolled=True, **model_kw))
   unroll = 1 << 30 if train_unroll == "full" else int(train_unroll)
@@ -230,13 +215,13 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   fwd = jax.jit(lambda p, b: served.apply({"params": p}, b))
   fwd_u = jax.jit(lambda p, b: counted.apply({"params": p}, b))
   out["forward"] = {**timed(lambda: fwd(sparams, infer), repeats),
-                    **stats_of(fwd, (sparams, infer), fwd_u, (params, infer))}
+                    **compiled_stats(fwd, (sparams, infer), fwd_u, (params, infer))}
 
   size = text + cfg.num_visual + decode_steps
   prefill = jax.jit(lambda p, b: served.apply({"params": p}, b, size, method=served.prefill))
   prefill_u = jax.jit(lambda p, b: counted.apply({"params": p}, b, size, method=counted.prefill))
   out["prefill"] = {**timed(lambda: prefill(sparams, infer), repeats),
-                    **stats_of(prefill, (sparams, infer), prefill_u, (params, infer))}
+                    **compiled_stats(prefill, (sparams, infer), prefill_u, (params, infer))}
 
   # The LM side alone: the tower's features computed beforehand (what the reference's
   # FLOPs formula counts; the tower is the same program in every stack).
@@ -248,7 +233,7 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   prefill_lm_u = jax.jit(lambda p, b, f: counted.apply({"params": p}, b, size, features=f,
                                                        method=counted.prefill))
   out["prefill_lm"] = {**timed(lambda: prefill_lm(sparams, lm_batch, feats), repeats),
-                       **stats_of(prefill_lm, (sparams, lm_batch, feats), prefill_lm_u,
+                       **compiled_stats(prefill_lm, (sparams, lm_batch, feats), prefill_lm_u,
                                         (params, lm_batch, feats))}
 
   # As saisa-eval runs it: the cache is donated and updated in place.
@@ -259,7 +244,7 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   logits, cache = prefill(sparams, infer)
   tokens = jnp.argmax(logits, -1).astype(jnp.int32)
   stacked_cache = jax.eval_shape(prefill_u, params, infer)[1]
-  stats = stats_of(decode, (sparams, tokens, cache), decode_u,
+  stats = compiled_stats(decode, (sparams, tokens, cache), decode_u,
                          (params, tokens, stacked_cache))
   fresh = {}
 
@@ -286,10 +271,10 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
   tx, lr_fn, trainable = make_optimizer(optim, params)
   step = jax.jit(make_train_step(trained, tx, lr_fn, trainable), donate_argnums=0)
   step_u = jax.jit(make_train_step(counted, tx, lr_fn, trainable), donate_argnums=0)
-  # The step donates its state: give it its own copy of the params.
-  own = jax.tree.map(jnp.copy, params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": own, "opt_state": tx.init(own)}
-  stats = stats_of(step, (state, data), step_u)
+  # The step donates its state, params included: nothing runs after it (a copy would
+  # hold a second set of weights through the step).
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  stats = compiled_stats(step, (state, data), step_u)
   holder = {"state": state}
 
   def one_step():
@@ -477,23 +462,29 @@ def _main(argv):
                      f"(the summary lines compare them), optionally naavit; "
                      f"unknown: {sorted(unknown) or 'none'}")
   os.makedirs(_OUT.value, exist_ok=True)
-  results, attention = {}, {}
   for preset in _PRESETS.value:
     if preset not in PRESETS:
       raise SystemExit(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+  # The PyTorch peers first, each in its own process, before this process opens the
+  # accelerator: on a GPU, JAX's allocator keeps what it took until the process exits.
+  peers = {}
+  for preset in _PRESETS.value if _TORCH.value else ():
+    print(f"[bench] {preset} hf_llava (PyTorch)", flush=True)
+    peers[preset] = bench_torch_process(
+        preset, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
+        _TRAIN_TOWER.value, _DTYPE.value, _LLM_LAYERS.value)
+  results, attention = {}, {}
+  for preset in _PRESETS.value:
     results[preset] = {}
     attention[preset] = resolve_attention(_ATTENTION.value, preset, _DTYPE.value)
     for alignment in alignments:
       print(f"[bench] {preset} {alignment} (attention {attention[preset]})", flush=True)
       results[preset][alignment] = bench_jax(
           preset, alignment, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
-          _TRAIN_TOWER.value, _TRAIN_UNROLL.value, _FLOPS_FROM.value, dtype=_DTYPE.value, remat=_REMAT.value,
+          _TRAIN_TOWER.value, _TRAIN_UNROLL.value, dtype=_DTYPE.value, remat=_REMAT.value,
           llm_layers=_LLM_LAYERS.value, attention=attention[preset])
-    if _TORCH.value:
-      print(f"[bench] {preset} hf_llava (PyTorch)", flush=True)
-      results[preset]["hf_llava"] = bench_torch_process(
-          preset, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
-          _TRAIN_TOWER.value, _DTYPE.value, _LLM_LAYERS.value)
+    if preset in peers:
+      results[preset]["hf_llava"] = peers[preset]
   kind = jax.devices()[0].device_kind
   for by_model in results.values():  # HF runs the llava model: the same model FLOPs
     hf, ours = by_model.get("hf_llava"), by_model["llava"]
@@ -504,7 +495,7 @@ def _main(argv):
         hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
   meta = {"device": kind, "cpu_count": os.cpu_count(), "peak_tflops": peak_tflops(kind),
           "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": attention,
-          "train_unroll": _TRAIN_UNROLL.value, "flops_from": flops_source(_FLOPS_FROM.value),
+          "train_unroll": _TRAIN_UNROLL.value,
           "serve_layout": serving_layout(build(model_config(next(iter(results)), "saisa"))[1]),
           "llm_layers": {p: model_config(p, "llava", llm_layers=_LLM_LAYERS.value
                                          ).llm.num_layers for p in results},
