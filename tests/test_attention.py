@@ -121,6 +121,24 @@ def test_dot_product_equals_einsum_forward_and_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tq,tk", [(7, 11), (8, 11), (7, 12), (5, 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_even_padding_for_cudnn_changes_nothing(tq, tk, with_bias):
+  """The padding that model.attention=cudnn applies to odd lengths (jax refuses to
+  differentiate them through cuDNN), run through XLA's implementation on CPU: outputs
+  and gradients equal the unpadded einsum path's."""
+  from saisa_jax.models.attention import _dot_product
+  q, k, v, mask = _inputs(tq=tq, tk=tk)
+  bias = mask_bias(mask) if with_bias else None
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+  padded = lambda q, k, v: jnp.sum(_dot_product(q, k, v, bias, "dot_product", even=True) * cot)
+  ref = lambda q, k, v: jnp.sum(attend(q, k, v, bias) * cot)
+  np.testing.assert_allclose(_dot_product(q, k, v, bias, "dot_product", even=True),
+                             attend(q, k, v, bias), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.grad(padded, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_cudnn_needs_half_precision_and_head_dims_it_supports():
   from saisa_jax.models.config import LlamaConfig, ModelConfig, VisionConfig
   llm = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,

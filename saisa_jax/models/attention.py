@@ -68,18 +68,37 @@ def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
     skip = causal_from is not None and bool(block) and bias is not None
     return _cpu_sharded(q, k, v, bias, causal_from if skip else None)
   if impl in ("dot_product", "cudnn"):
-    # jax picks XLA's implementation when none is named (jax 0.10), so cuDNN's fused
-    # kernel is asked for by name; it takes the bias in the inputs' dtype.
-    if bias is not None:
-      bias = bias[:, None].astype(q.dtype if impl == "cudnn" else bias.dtype)
-    return jax.nn.dot_product_attention(
-        q, k, v, bias=bias, implementation="cudnn" if impl == "cudnn" else None)
+    return _dot_product(q, k, v, bias, impl, even=impl == "cudnn")
   if impl != "einsum":
     raise ValueError(f"model.attention={impl!r}; choose one of {ATTENTION_IMPLS}")
   tq, tk = q.shape[1], k.shape[1]
   if causal_from is None or not block or bias is None:
     causal_from, block = tk, tq  # one block that reads every key
   return _attend(q, k, v, bias, causal_from, block)
+
+
+def _dot_product(q, k, v, bias, impl: str, even: bool):
+  """jax.nn.dot_product_attention; XLA's implementation or (impl "cudnn") cuDNN's fused
+  kernel, asked for by name (jax picks XLA's when none is named) and given the bias in
+  the inputs' dtype. `even`: odd query / key lengths are padded by one row first. jax's
+  cuDNN path refuses to differentiate odd lengths (its bias placeholder counts as a
+  bias: "Unsupported sequence length Q 577, KV 577", CLIP-L's tower trained); a padded
+  key is hidden by a HIDDEN bias column (a bias made when none is given),
+  and a padded query's output row is dropped."""
+  tq, tk = q.shape[1], k.shape[1]
+  if even and tq % 2:
+    q = jnp.pad(q, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    bias = None if bias is None else jnp.pad(bias, ((0, 0), (0, 1), (0, 0)))
+  if even and tk % 2:
+    k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (k, v))
+    if bias is None:
+      bias = jnp.zeros((q.shape[0], q.shape[1], tk), jnp.float32)
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1)), constant_values=HIDDEN)
+  if bias is not None:
+    bias = bias[:, None].astype(q.dtype if impl == "cudnn" else bias.dtype)
+  out = jax.nn.dot_product_attention(
+      q, k, v, bias=bias, implementation="cudnn" if impl == "cudnn" else None)
+  return out[:, :tq]
 
 
 def _head_spec(mesh, k):

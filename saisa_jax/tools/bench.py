@@ -182,13 +182,29 @@ def timed(fn, repeats: int, warmup: int = 2, setup=None, warmup_s: float = 1.0,
   return {"ms": statistics.median(times), "p25": q[0], "p75": q[2]}
 
 
+def host_cpu():
+  """The host's CPU device, or None where JAX has no CPU backend (JAX_PLATFORMS=cuda)."""
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    return None
+
+
 def compiled_stats(jitted, args, counted, counted_args=None) -> dict:
   """Memory of `jitted` (the timed program) on `args`, FLOPs of `counted` (its
-  unrolled, stacked twin, compiled: the lowered program's cost analysis gives no FLOPs
-  on a GPU) on `counted_args` (default: `args`)."""
+  unrolled, stacked twin) on `counted_args` (default: `args`). The twin is compiled for
+  the host CPU whatever the backend: the count is the program's, and XLA:GPU autotunes
+  every matmul of a compile (the 7B-width twins took minutes on an H100), while the
+  lowered program's own cost analysis gives no FLOPs there."""
   mem = jitted.lower(*args).compile().memory_analysis()
-  cost = counted.lower(*(args if counted_args is None else counted_args)
-                       ).compile().cost_analysis() or {}
+  counted_args = args if counted_args is None else counted_args
+  cpu = host_cpu()
+  if cpu is not None:  # abstract values placed on it: nothing is copied
+    where = jax.sharding.SingleDeviceSharding(cpu)
+    counted_args = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), counted_args)
+  with jax.default_device(cpu):
+    cost = counted.lower(*counted_args).compile().cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"gflops": float(cost.get("flops", 0.0)) / 1e9,
           "mem_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20 if mem else None}
