@@ -119,3 +119,36 @@ def test_serve_layout_auto_is_per_layer_on_cpu_and_configs_are_checked():
   with pytest.raises(ValueError, match="set model.serve_layout=per_layer"):
     from_config({"llm": dataclasses.asdict(LLM), "vision": dataclasses.asdict(VISION),
                  "layer_layout": "per_layer"})
+
+
+@pytest.mark.parametrize("alignment", ["saisa", "llava"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_bf16_serving_weights_compute_the_same_function_bit_for_bit(alignment, tie):
+  """for_serving casts a bf16 model's matrices to bf16 (vectors stay float32); the
+  forward, prefill and decode step give exactly what the float32 weights give."""
+  llm = dataclasses.replace(LLM, tie_embeddings=tie)
+  cfg = ModelConfig(llm, VISION, alignment=alignment, dtype="bfloat16", serve_layout="stacked")
+  model, _ = build(cfg)
+  _, _, batch = _setup(alignment)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
+  served, cast = layer_layout.for_serving(model, params)
+  kinds = {(a.ndim >= 2, str(a.dtype)) for a in jax.tree.leaves(cast)}
+  assert kinds == {(True, "bfloat16"), (False, "float32")}, kinds
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))  # left as it was
+  fwd = jax.jit(lambda p: served.apply({"params": p}, batch))
+  np.testing.assert_array_equal(fwd(cast), fwd(params))
+
+  def serve(p):
+    logits, cache = served.apply({"params": p}, batch, 24, method=served.prefill)
+    out = [logits]
+    for t in range(2):
+      logits, cache = served.apply({"params": p}, jnp.full((3,), 5 + t, jnp.int32), cache,
+                                   method=served.decode_step)
+      out.append(logits)
+    return jnp.stack(out)
+  serve = jax.jit(serve)
+  np.testing.assert_array_equal(serve(cast), serve(params))
+  # float32 models are served from their weights as they are.
+  f32, _ = build(dataclasses.replace(cfg, dtype="float32"))
+  assert all(a.dtype == jnp.float32
+             for a in jax.tree.leaves(layer_layout.for_serving(f32, params)[1]))

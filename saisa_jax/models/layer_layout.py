@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from saisa_jax.models.layers import dtype_of
+
 STACKS = ("decoder", "vision")
 _LAYER = re.compile(r"layers_(\d+)$")
 
@@ -66,10 +68,28 @@ def serving_layout(cfg) -> str:
   return "per_layer" if jax.default_backend() == "cpu" else "stacked"
 
 
+def serving_weights(params: dict, dtype: str) -> dict:
+  """Matrices (ndim >= 2: kernels, embeddings, CLIP's position table) in the compute
+  dtype when it is not float32; vectors (norm scales and biases) stay float32.
+
+  Every such matrix is cast to the compute dtype where it is used (layers.Dense,
+  nn.Embed with dtype, clip.py), so the model computes the same function from them,
+  bit for bit; serving keeps no float32 master copy, and a memory-bound decode step
+  reads half the bytes (on a GPU it read the float32 weights, wrote their bf16 cast and
+  read that back on every step)."""
+  if dtype == "float32":
+    return params
+  want = dtype_of(dtype)
+  return jax.tree.map(lambda a: a.astype(want) if a.ndim >= 2 and a.dtype == jnp.float32
+                      else a, nn.meta.unbox(params))
+
+
 def for_serving(model, params):
-  """(model, params) in the layout serve_layout names -> (model', params'). The
-  returned params are new buffers when converted; `params` is left as it was."""
+  """(model, params) in the layout serve_layout names, matrices in the compute dtype
+  (serving_weights) -> (model', params'). The returned params are new buffers when
+  converted; `params` is left as it was."""
   want = serving_layout(model.cfg)
+  params = serving_weights(params, model.cfg.dtype)
   if want == model.cfg.layer_layout:
     return model, params
   cfg = dataclasses.replace(model.cfg, layer_layout=want,
