@@ -121,8 +121,7 @@ def test_serve_layout_auto_is_per_layer_on_cpu_and_configs_are_checked():
                  "layer_layout": "per_layer"})
 
 
-@pytest.mark.parametrize("alignment", ["saisa", "llava"])
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("alignment,tie", [("saisa", False), ("llava", True)])
 def test_bf16_serving_weights_compute_the_same_function_bit_for_bit(alignment, tie):
   """for_serving casts a bf16 model's matrices to bf16 (vectors stay float32); the
   forward, prefill and decode step give exactly what the float32 weights give."""
