@@ -73,3 +73,13 @@ def test_peaks_and_the_7b_width_preset():
   assert (c.llm.hidden_size, c.llm.num_layers, c.vision.hidden_size, c.vision.select_layer) == (
       4096, 4, 1024, -2)
   assert model_config("w7b", "saisa", llm_layers=2).llm.num_layers == 2
+
+
+def test_alignments_must_name_saisa_and_llava(tmp_path):
+  """--alignments drops naavit; the summary lines need saisa and llava, so a list
+  without one of them (or with an unknown name) stops before any work, saying so."""
+  for bad in ("saisa", "saisa,llava,vit"):
+    proc = subprocess.run(
+        [sys.executable, "-m", "saisa_jax.tools.bench", "--alignments", bad, "--notorch",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "name saisa and llava" in proc.stderr, proc.stderr[-2000:]
