@@ -17,10 +17,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-# flax / optax as pinned here (.whl/alt) if the image's do not import with its jax.
-python3 -c "import flax.linen, optax" 2>/dev/null || { ls .whl/alt/*.whl >/dev/null 2>&1 &&
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site_alt .whl/alt/*.whl && export PYTHONPATH=/tmp/site_alt:$PYTHONPATH; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import jax, flax, optax, transformers, torch, ml_collections
