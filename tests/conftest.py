@@ -1,7 +1,9 @@
 """Shared fixtures for the data tests: no network, small sizes."""
+import atexit
 import importlib.util
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -9,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tokenizers load from local paths
 # The suite runs on CPU (and its subprocesses too); with libtpu installed (the optional
 # [tpu] extra) JAX would otherwise try to open a TPU first.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the session and its subprocesses: many tests compile
+# the same small programs (the resume test runs one config's trainer three times: 72 ->
+# 48 s). A new, empty cache each session, so no run depends on an earlier one; compile
+# counting (train/compiles.py) sees a cache hit as the compile it replaces.
+_XLA_CACHE = tempfile.mkdtemp(prefix="saisa-test-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 @pytest.fixture(scope="session")

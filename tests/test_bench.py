@@ -13,7 +13,8 @@ from saisa_jax import hugepages
 def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "saisa_jax.tools.bench", "--presets", "default", "--notorch",
-       "--repeats", "1", "--decode_steps", "2", "--out", str(tmp_path)],
+       "--repeats", "1", "--decode_steps", "2", "--warmup_s", "0",
+       "--alignments", "llava,saisa", "--out", str(tmp_path)],
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "bench.json").read_text())
@@ -27,7 +28,8 @@ def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
   # Served as saisa-eval serves on CPU (one module per layer); trained fully unrolled.
   assert report["meta"]["serve_layout"] == "per_layer"
   assert report["meta"]["train_unroll"] == "full"
-  assert set(res) == {"saisa", "naavit", "llava"}
+  assert report["meta"]["warmup_s"] == 0
+  assert list(res) == ["saisa", "llava"]  # --alignments drops naavit; saisa first
   for name, ops in res.items():
     for op in ("forward", "train_step", "prefill", "prefill_lm", "decode"):
       assert ops[op]["ms"] > 0 and ops[op]["p25"] <= ops[op]["ms"] <= ops[op]["p75"], (name, op)
@@ -50,6 +52,7 @@ def test_mfu_is_model_flops_over_the_device_peak(monkeypatch):
   the count comes from the twin without remat, so recomputation does not inflate it."""
   from saisa_jax.tools import bench
   monkeypatch.setattr(bench, "peak_tflops", lambda kind: 0.5)
+  monkeypatch.setattr(bench, "WARMUP_S", 0.0)  # times unused: no warm-up needed
   out = bench.bench_jax("default", "saisa", 2, 16, 1, 1, dtype="bfloat16", remat="full",
                         llm_layers=1)
   tr = out["train_step"]

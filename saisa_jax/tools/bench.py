@@ -74,12 +74,18 @@ _TRAIN_UNROLL = flags.DEFINE_string(
     "(every layer; on XLA:CPU a scanned backward stacks every layer's residuals into "
     "zero-filled buffers and slices them back: smollm2 llava 4459 -> 4089 ms, tiny 50 "
     "-> 38 ms unrolled) or a number (1: the scan, as configs/saisa.py trains on TPU).")
+_WARMUP_S = flags.DEFINE_float(
+    "warmup_s", 1.0, "Seconds of untimed calls (at least 2) before each measurement, in "
+    "both stacks: on this CPU a fresh program's first ~0.5 s of calls run up to 2x slow. "
+    "0 for a smoke run, whose times mean nothing.")
 _ALIGNMENTS = flags.DEFINE_list(
     "alignments", ["saisa", "naavit", "llava"], "Stacks timed (saisa and llava always: "
     "the summary lines compare them); dropping naavit saves its compiles on a GPU.")
 _ATTENTION = flags.DEFINE_string(
     "attention", "auto", "model.attention (see models/config.py); auto: cpu (the fused C++ "
     "kernel) on a CPU backend in float32 when a C++ compiler is found, else einsum.")
+
+WARMUP_S = 1.0  # timed()'s default warm-up; --warmup_s sets it (and the HF child's)
 
 # Parameters the train step updates (optim.trainable), as configs/saisa_train.py stage 2.
 STAGE2_TRAINABLE = "^(decoder|projector)"
@@ -155,12 +161,13 @@ def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
   }
 
 
-def timed(fn, repeats: int, warmup: int = 2, setup=None, warmup_s: float = 1.0,
+def timed(fn, repeats: int, warmup: int = 2, setup=None, warmup_s: float | None = None,
           sync=None) -> dict:
   """fn() -> result (blocked on; or `sync()` after it, for PyTorch on a GPU). Median and
   quartiles in ms. `setup()`, untimed, runs before every call. Warm-up runs at least
-  `warmup` calls and `warmup_s` seconds: on this CPU the first ~0.5 s of calls of a
-  fresh program run up to 2x slow."""
+  `warmup` calls and `warmup_s` seconds (default WARMUP_S): on this CPU the first
+  ~0.5 s of calls of a fresh program run up to 2x slow."""
+  warmup_s = WARMUP_S if warmup_s is None else warmup_s
   def call():
     jax.block_until_ready(fn())
     if sync:
@@ -413,10 +420,11 @@ def bench_torch_process(preset: str, batch: int, text: int, decode_steps: int, r
     env["GLIBC_TUNABLES"] = tunables
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "torch.json")
-    code = ("import json, sys; from saisa_jax.tools.bench import bench_torch; "
-            "json.dump(bench_torch(*json.loads(sys.argv[1])), open(sys.argv[2], 'w'))")
+    code = ("import json, sys; from saisa_jax.tools import bench; "
+            "args = json.loads(sys.argv[1]); bench.WARMUP_S = args.pop(); "
+            "json.dump(bench.bench_torch(*args), open(sys.argv[2], 'w'))")
     args = json.dumps([preset, batch, text, decode_steps, repeats, train_tower, dtype,
-                       llm_layers])
+                       llm_layers, WARMUP_S])
     proc = subprocess.run([sys.executable, "-c", code, args, out], env=env)
     if proc.returncode:
       raise SystemExit(f"saisa-bench: the HF PyTorch peer failed at preset {preset!r} "
@@ -470,7 +478,9 @@ def main(argv=None):
 
 def _main(argv):
   del argv
+  global WARMUP_S
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
+  WARMUP_S = _WARMUP_S.value
   alignments = [a for a in ALIGNMENTS if a in _ALIGNMENTS.value]  # saisa first
   unknown = set(_ALIGNMENTS.value) - set(ALIGNMENTS)
   if unknown or not {"saisa", "llava"} <= set(alignments):
@@ -511,7 +521,7 @@ def _main(argv):
         hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
   meta = {"device": kind, "cpu_count": os.cpu_count(), "peak_tflops": peak_tflops(kind),
           "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": attention,
-          "train_unroll": _TRAIN_UNROLL.value,
+          "train_unroll": _TRAIN_UNROLL.value, "warmup_s": WARMUP_S,
           "serve_layout": serving_layout(build(model_config(next(iter(results)), "saisa"))[1]),
           "llm_layers": {p: model_config(p, "llava", llm_layers=_LLM_LAYERS.value
                                          ).llm.num_layers for p in results},
