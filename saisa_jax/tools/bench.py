@@ -12,8 +12,8 @@ LLaVA-1.5's 576 visual tokens (336 px, patch 14): the regime SAISA is built for;
 decoder layers and the real CLIP-L tower, for an accelerator (--dtype bfloat16 --remat
 full: the output then gives train-step MFU against the device's bf16 peak, peaks.py,
 and the HF peer runs on the GPU when torch sees one). Times are medians over
---repeats calls after warm-up (spread = 25th..75th percentile). Forward, prefill and
-decode run as saisa-eval serves (model.serve_layout: per layer on CPU, layer_layout.py);
+--repeats calls after --warmup_s of warm-up (spread = 25th..75th percentile).
+Forward, prefill and decode run as saisa-eval serves (model.serve_layout: per layer on CPU, layer_layout.py);
 the train step scans its stacked layers with --train_unroll layers a step (default:
 all). FLOPs are XLA's count of the same function compiled with every scan unrolled
 (XLA counts a loop body once);
