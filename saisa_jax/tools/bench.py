@@ -13,9 +13,9 @@ decoder layers and the real CLIP-L tower, for an accelerator (--dtype bfloat16 -
 full: the output then gives train-step MFU against the device's bf16 peak, peaks.py,
 and the HF peer runs on the GPU when torch sees one). Times are medians over
 --repeats calls after --warmup_s of warm-up (spread = 25th..75th percentile).
-Forward, prefill and decode run as saisa-eval serves (model.serve_layout: per layer on CPU, layer_layout.py);
-the train step scans its stacked layers with --train_unroll layers a step (default:
-all). FLOPs are XLA's count of the same function compiled with every scan unrolled
+Forward, prefill and decode run as saisa-eval serves (model.serve_layout: per layer on
+CPU, layer_layout.py); the train step scans its stacked layers with --train_unroll
+layers a step (default: all). FLOPs are XLA's count of the same function compiled with every scan unrolled
 (XLA counts a loop body once);
 memory is XLA's arguments + temporaries of the timed program. The train step is the
 stage-2 recipe's (LLM + projector(s) trained, CLIP tower frozen; --train_tower trains it
