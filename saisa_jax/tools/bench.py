@@ -85,7 +85,7 @@ _ATTENTION = flags.DEFINE_string(
     "attention", "auto", "model.attention (see models/config.py); auto: cpu (the fused C++ "
     "kernel) on a CPU backend in float32 when a C++ compiler is found, else einsum.")
 
-WARMUP_S = 1.0  # timed()'s default warm-up; --warmup_s sets it (and the HF child's)
+WARMUP_S = 1.0  # seconds of warm-up in timed(); --warmup_s sets it (and the HF child's)
 
 # Parameters the train step updates (optim.trainable), as configs/saisa_train.py stage 2.
 STAGE2_TRAINABLE = "^(decoder|projector)"
@@ -161,19 +161,17 @@ def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
   }
 
 
-def timed(fn, repeats: int, warmup: int = 2, setup=None, warmup_s: float | None = None,
-          sync=None) -> dict:
+def timed(fn, repeats: int, warmup: int = 2, setup=None, sync=None) -> dict:
   """fn() -> result (blocked on; or `sync()` after it, for PyTorch on a GPU). Median and
   quartiles in ms. `setup()`, untimed, runs before every call. Warm-up runs at least
-  `warmup` calls and `warmup_s` seconds (default WARMUP_S): on this CPU the first
-  ~0.5 s of calls of a fresh program run up to 2x slow."""
-  warmup_s = WARMUP_S if warmup_s is None else warmup_s
+  `warmup` calls and WARMUP_S seconds: on this CPU the first ~0.5 s of calls of a
+  fresh program run up to 2x slow."""
   def call():
     jax.block_until_ready(fn())
     if sync:
       sync()
   start, calls = time.perf_counter(), 0
-  while calls < warmup or time.perf_counter() - start < warmup_s:
+  while calls < warmup or time.perf_counter() - start < WARMUP_S:
     if setup:
       setup()
     call()
