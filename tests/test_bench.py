@@ -29,6 +29,7 @@ def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
   assert report["meta"]["serve_layout"] == "per_layer"
   assert report["meta"]["train_unroll"] == "full"
   assert report["meta"]["warmup_s"] == 0
+  assert report["meta"]["rounds"] == 1 and len(report["summary"]["prefill saisa/llava"]["rounds"]) == 1
   assert list(res) == ["saisa", "llava"]  # --alignments drops naavit; saisa first
   for name, ops in res.items():
     for op in ("forward", "train_step", "prefill", "prefill_lm", "decode"):

@@ -20,21 +20,26 @@ layers a step (default: all). FLOPs are XLA's count of the same function compile
 memory is XLA's arguments + temporaries of the timed program. The train step is the
 stage-2 recipe's (LLM + projector(s) trained, CLIP tower frozen; --train_tower trains it
 too), in both stacks. Like the other entry points it restarts itself with glibc's
-hugetlb malloc (saisa_jax/hugepages.py); the PyTorch peers run first, each in a child
-process with the default malloc (faster for it), with the accelerator to themselves.
+hugetlb malloc (saisa_jax/hugepages.py); the PyTorch peers run each in a child
+process with the default malloc (faster for it); on an accelerator they all run first,
+with the device to themselves. --rounds N benches every stack N times, the order
+reversed each round (on a CPU the peer takes its turn with ours); the table pools the
+rounds' calls, the ratios are taken within each round (bench_rounds.py).
 --alignments saisa,llava skips naavit. Writes bench.json, bench.md and bench.png,
 and ends with
 
-  LM side (tower features given): prefill saisa/llava R, saisa speedup vs HF Llava S
+  LM side (tower features given): prefill saisa/llava R; saisa speedup vs HF Llava S
   prefill saisa/llava: R          (the largest over the presets)
   train step saisa/llava: R       (the largest over the presets)
   saisa speedup vs HF Llava: S    (HF prefill time / saisa prefill time, the smallest)
+
+each the median over rounds, then (with several presets or rounds) each preset's value
+and the rounds' range.
 """
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +56,7 @@ from saisa_jax import hugepages
 from saisa_jax import presets
 from saisa_jax.models.build import build
 from saisa_jax.models.layer_layout import for_serving, serving_layout
+from saisa_jax.tools import bench_rounds
 from saisa_jax.tools.peaks import peak_tflops
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.step import make_train_step
@@ -74,6 +80,10 @@ _TRAIN_UNROLL = flags.DEFINE_string(
     "(every layer; on XLA:CPU a scanned backward stacks every layer's residuals into "
     "zero-filled buffers and slices them back: smollm2 llava 4459 -> 4089 ms, tiny 50 "
     "-> 38 ms unrolled) or a number (1: the scan, as configs/saisa.py trains on TPU).")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 1, "Times every stack is benched, HF's peer included, the order reversed "
+    "each round; the summary ratios are taken within each round, then their median "
+    "(bench_rounds.py: on a machine whose speed drifts, 3 rounds give steadier ratios).")
 _WARMUP_S = flags.DEFINE_float(
     "warmup_s", 1.0, "Seconds of untimed calls (at least 2) before each measurement, in "
     "both stacks: on this CPU a fresh program's first ~0.5 s of calls run up to 2x slow. "
@@ -163,7 +173,7 @@ def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
 
 def timed(fn, repeats: int, warmup: int = 2, setup=None, sync=None) -> dict:
   """fn() -> result (blocked on; or `sync()` after it, for PyTorch on a GPU). Median and
-  quartiles in ms. `setup()`, untimed, runs before every call. Warm-up runs at least
+  quartiles in ms, and every timed call's ms (`calls`: rounds pool them). `setup()`, untimed, runs before every call. Warm-up runs at least
   `warmup` calls and WARMUP_S seconds: on this CPU the first ~0.5 s of calls of a
   fresh program run up to 2x slow."""
   def call():
@@ -183,8 +193,7 @@ def timed(fn, repeats: int, warmup: int = 2, setup=None, sync=None) -> dict:
     t = time.perf_counter()
     call()
     times.append(1000 * (time.perf_counter() - t))
-  q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-  return {"ms": statistics.median(times), "p25": q[0], "p75": q[2]}
+  return {**bench_rounds.summarize(times), "calls": times}
 
 
 def host_cpu():
@@ -195,7 +204,7 @@ def host_cpu():
     return None
 
 
-def compiled_stats(jitted, args, counted, counted_args=None) -> dict:
+def _compiled_stats(jitted, args, counted, counted_args=None) -> dict:
   """Memory of `jitted` (the timed program) on `args`, FLOPs of `counted` (its
   unrolled, stacked twin) on `counted_args` (default: `args`). The twin is compiled for
   the host CPU whatever the backend: the count is the program's, and XLA:GPU autotunes
@@ -217,10 +226,12 @@ def compiled_stats(jitted, args, counted, counted_args=None) -> dict:
 
 def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: int,
               repeats: int, train_tower: bool = False, train_unroll: str = "full",
-              **model_kw) -> dict:
+              stats: bool = True, **model_kw) -> dict:
   """model_kw: dtype, remat, llm_layers, attention (model_config). Forward, prefill
   and decode run in the serving layout (layer_layout.for_serving), the train step in
-  the stacked layout with `train_unroll` layers unrolled per scan step."""
+  the stacked layout with `train_unroll` layers unrolled per scan step. stats=False
+  (a later round) times only: no FLOP count, no memory analysis."""
+  compiled_stats = _compiled_stats if stats else lambda *args: {}
   model, cfg = build(model_config(preset, alignment, **model_kw))
   counted, _ = build(model_config(preset, alignment, unrolled=True, **model_kw))
   unroll = 1 << 30 if train_unroll == "full" else int(train_unroll)
@@ -279,9 +290,7 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
       t = jnp.argmax(lg, -1).astype(jnp.int32)
     return t
   run = timed(decode_run, max(2, repeats // 2), warmup=1, setup=new_cache)
-  out["decode"] = {"ms": run["ms"] / decode_steps, "p25": run["p25"] / decode_steps,
-                   "p75": run["p75"] / decode_steps, **stats,
-                   "tokens_per_s": batch * decode_steps / (run["ms"] / 1000)}
+  out["decode"] = {**per_step(run, decode_steps), **stats}
   # The train step last, as in the HF peer: its large temporaries would otherwise be
   # the state every later program starts from (smollm2 llava prefill 1.29 s after it,
   # 1.16 s alone).
@@ -303,8 +312,24 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
     return m["loss"]
   out["train_step"] = {**timed(one_step, repeats), **stats}
 
+  return rates(out, batch)
+
+
+def per_step(run: dict, steps: int) -> dict:
+  """A timed run of `steps` decode steps -> ms per step (median, quartiles, calls)."""
+  return {"ms": run["ms"] / steps, "p25": run["p25"] / steps, "p75": run["p75"] / steps,
+          "calls": [t / steps for t in run["calls"]]}
+
+
+def rates(out: dict, batch: int) -> dict:
+  """Adds what follows from the times (again after rounds are pooled): achieved
+  GFLOP/s, MFU on an accelerator, decode tokens/s."""
   peak = peak_tflops(jax.devices()[0].device_kind)
-  for v in out.values():
+  for op, v in out.items():
+    if not isinstance(v, dict):
+      continue
+    if op == "decode":
+      v["tokens_per_s"] = batch / (v["ms"] / 1000)
     v["gflop_per_s"] = v["gflops"] / (v["ms"] / 1000) if v.get("gflops") else None
     # Model FLOPs (counted without remat) over the device's dense bf16 peak.
     v["mfu"] = v["gflop_per_s"] / (1000 * peak) if peak and v["gflop_per_s"] else None
@@ -384,9 +409,7 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
         past, tok = o.past_key_values, o.logits[:, -1:].argmax(-1)
       return tok
     run = timed(decode_run, max(2, repeats // 2), warmup=1, sync=sync)
-    out["decode"] = {"ms": run["ms"] / decode_steps, "p25": run["p25"] / decode_steps,
-                     "p75": run["p75"] / decode_steps,
-                     "tokens_per_s": batch * decode_steps / (run["ms"] / 1000)}
+    out["decode"] = per_step(run, decode_steps)
   model.train()
   if not train_tower:  # stage 2: the CLIP tower is frozen (no grads, not in the optimizer)
     model.model.vision_tower.requires_grad_(False)
@@ -489,26 +512,46 @@ def _main(argv):
   for preset in _PRESETS.value:
     if preset not in PRESETS:
       raise SystemExit(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-  # The PyTorch peers first, each in its own process, before this process opens the
-  # accelerator: on a GPU, JAX's allocator keeps what it took until the process exits.
-  peers = {}
-  for preset in _PRESETS.value if _TORCH.value else ():
-    print(f"[bench] {preset} hf_llava (PyTorch)", flush=True)
-    peers[preset] = bench_torch_process(
+  if _ROUNDS.value < 1:
+    raise SystemExit(f"--rounds {_ROUNDS.value}: give 1 or more")
+  rounds = _ROUNDS.value
+  runs = {p: {**{a: [] for a in alignments}, **({"hf_llava": []} if _TORCH.value else {})}
+          for p in _PRESETS.value}
+
+  def peer(preset, r):
+    print(f"[bench] {preset} hf_llava (PyTorch), round {r + 1}/{rounds}", flush=True)
+    runs[preset]["hf_llava"].append(bench_torch_process(
         preset, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
-        _TRAIN_TOWER.value, _DTYPE.value, _LLM_LAYERS.value)
-  results, attention = {}, {}
+        _TRAIN_TOWER.value, _DTYPE.value, _LLM_LAYERS.value))
+
+  # The PyTorch peer first, in its own process, before this process opens the
+  # accelerator: on a GPU, JAX's allocator keeps what it took until the process exits,
+  # so there every peer round runs now; on a CPU the peers take turns with our stacks.
+  if _TORCH.value:
+    peer(_PRESETS.value[0], 0)
+    if runs[_PRESETS.value[0]]["hf_llava"][0].get("device", "cpu") != "cpu":
+      for preset in _PRESETS.value:
+        for r in range(len(runs[preset]["hf_llava"]), rounds):
+          peer(preset, r)
+  attention = {}
   for preset in _PRESETS.value:
-    results[preset] = {}
     attention[preset] = resolve_attention(_ATTENTION.value, preset, _DTYPE.value)
-    for alignment in alignments:
-      print(f"[bench] {preset} {alignment} (attention {attention[preset]})", flush=True)
-      results[preset][alignment] = bench_jax(
-          preset, alignment, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
-          _TRAIN_TOWER.value, _TRAIN_UNROLL.value, dtype=_DTYPE.value, remat=_REMAT.value,
-          llm_layers=_LLM_LAYERS.value, attention=attention[preset])
-    if preset in peers:
-      results[preset]["hf_llava"] = peers[preset]
+    for r in range(rounds):
+      forward = r % 2 == 0  # even rounds: HF, saisa, (naavit,) llava; odd: the reverse
+      due = _TORCH.value and len(runs[preset]["hf_llava"]) <= r
+      if due and forward:
+        peer(preset, r)
+      for alignment in alignments if forward else alignments[::-1]:
+        print(f"[bench] {preset} {alignment} (attention {attention[preset]}), "
+              f"round {r + 1}/{rounds}", flush=True)
+        runs[preset][alignment].append(bench_jax(
+            preset, alignment, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
+            _TRAIN_TOWER.value, _TRAIN_UNROLL.value, stats=r == 0, dtype=_DTYPE.value,
+            remat=_REMAT.value, llm_layers=_LLM_LAYERS.value, attention=attention[preset]))
+      if due and not forward:
+        peer(preset, r)
+  results = {p: {m: rates(bench_rounds.pool(rs), _BATCH.value) for m, rs in by_model.items()}
+             for p, by_model in runs.items()}
   kind = jax.devices()[0].device_kind
   for by_model in results.values():  # HF runs the llava model: the same model FLOPs
     hf, ours = by_model.get("hf_llava"), by_model["llava"]
@@ -519,6 +562,7 @@ def _main(argv):
         hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
   meta = {"device": kind, "cpu_count": os.cpu_count(), "peak_tflops": peak_tflops(kind),
           "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": attention,
+          "rounds": rounds, "repeats": _REPEATS.value,
           "train_unroll": _TRAIN_UNROLL.value, "warmup_s": WARMUP_S,
           "serve_layout": serving_layout(build(model_config(next(iter(results)), "saisa"))[1]),
           "llm_layers": {p: model_config(p, "llava", llm_layers=_LLM_LAYERS.value
@@ -528,8 +572,10 @@ def _main(argv):
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
           "visual": {p: (PRESETS[p][1]["image_size"] // PRESETS[p][1]["patch_size"]) ** 2
                      for p in results}}
+  # Ratios within each round, the worst preset's, then their median (bench_rounds.py).
+  summary = bench_rounds.summary(runs, _TORCH.value)
   with open(os.path.join(_OUT.value, "bench.json"), "w") as f:
-    json.dump({"meta": meta, "results": results}, f, indent=1)
+    json.dump({"meta": meta, "summary": summary, "results": results}, f, indent=1)
   table = markdown(results)
   with open(os.path.join(_OUT.value, "bench.md"), "w") as f:
     f.write(table + "\n")
@@ -541,14 +587,8 @@ def _main(argv):
           f"{n} {r['train_step']['mfu']:.3f}" for n, r in by_model.items()
           if r["train_step"].get("mfu")) + "; decode tokens/s " + ", ".join(
           f"{n} {r['decode']['tokens_per_s']:.0f}" for n, r in by_model.items()))
-  ratio = lambda op: max(r["saisa"][op]["ms"] / r["llava"][op]["ms"] for r in results.values())
-  speed = lambda op: min(r["hf_llava"][op]["ms"] / r["saisa"][op]["ms"] for r in results.values())
-  print(f"LM side (tower features given): prefill saisa/llava {ratio('prefill_lm'):.3f}" +
-        (f", saisa speedup vs HF Llava {speed('prefill_lm'):.2f}" if _TORCH.value else ""))
-  print(f"prefill saisa/llava: {ratio('prefill'):.3f}")
-  print(f"train step saisa/llava: {ratio('train_step'):.3f}")
-  if _TORCH.value:
-    print(f"saisa speedup vs HF Llava: {speed('prefill'):.2f}")
+  for line in bench_rounds.lines(summary):
+    print(line)
 
 
 if __name__ == "__main__":
