@@ -173,9 +173,9 @@ def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
 
 def timed(fn, repeats: int, warmup: int = 2, setup=None, sync=None) -> dict:
   """fn() -> result (blocked on; or `sync()` after it, for PyTorch on a GPU). Median and
-  quartiles in ms, and every timed call's ms (`calls`: rounds pool them). `setup()`, untimed, runs before every call. Warm-up runs at least
-  `warmup` calls and WARMUP_S seconds: on this CPU the first ~0.5 s of calls of a
-  fresh program run up to 2x slow."""
+  quartiles in ms, and every timed call's ms (`calls`: rounds pool them). `setup()`,
+  untimed, runs before every call. Warm-up runs at least `warmup` calls and WARMUP_S
+  seconds: on this CPU the first ~0.5 s of calls of a fresh program run up to 2x slow."""
   def call():
     jax.block_until_ready(fn())
     if sync:
