@@ -108,24 +108,14 @@ def _dummy_bias():
   return jnp.zeros((1, 1, 1), jnp.float32)
 
 
-def _keys_by_column(x):
-  """[B, K, Hkv, D] -> [B, Hkv, D, Kp]: Kp = K rounded up to 16, zeros past K (the
-  kernel's vectors of keys never read past a row)."""
-  pad = -x.shape[1] % 16
-  return jnp.pad(x.transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),))
-
-
 def _forward(q, k, v, bias, causal_from):
-  b, tq, h, d = q.shape
-  kt, vt = _keys_by_column(k), _keys_by_column(v)
+  b, tq, h, _ = q.shape
   out, lse = jax.ffi.ffi_call(
       "SaisaAttentionForward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)),
-      vmap_method="sequential")(q, kt, vt, _dummy_bias() if bias is None else bias,
-                                causal_from=causal_from, has_bias=bias is not None,
-                                num_keys=k.shape[1])
-  # The backward reads keys and values in the same layout: saved as the kernel took them.
-  return out, (q, kt, vt, k.shape[1], bias, out, lse)
+      vmap_method="sequential")(q, k, v, _dummy_bias() if bias is None else bias,
+                                causal_from=causal_from, has_bias=bias is not None)
+  return out, (q, k, v, bias, out, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -138,16 +128,14 @@ def _attend_fwd(q, k, v, bias, causal_from):
 
 
 def _attend_bwd(causal_from, res, do):
-  q, kt, vt, tk, bias, out, lse = res
-  dq, dkt, dvt = jax.ffi.ffi_call(
+  q, k, v, bias, out, lse = res
+  dq, dk, dv = jax.ffi.ffi_call(
       "SaisaAttentionBackward",
-      (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(kt.shape, jnp.float32),
-       jax.ShapeDtypeStruct(kt.shape, jnp.float32)),
-      vmap_method="sequential")(q, kt, vt, _dummy_bias() if bias is None else bias, out, lse,
+      tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+      vmap_method="sequential")(q, k, v, _dummy_bias() if bias is None else bias, out, lse,
                                 do.astype(jnp.float32), causal_from=causal_from,
-                                has_bias=bias is not None, num_keys=tk)
-  return (dq, dkt[..., :tk].transpose(0, 3, 1, 2), dvt[..., :tk].transpose(0, 3, 1, 2),
-          None if bias is None else jnp.zeros_like(bias))
+                                has_bias=bias is not None)
+  return dq, dk, dv, None if bias is None else jnp.zeros_like(bias)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -10,8 +10,13 @@
 //
 // Layouts (row-major):
 //   q, o, dO, dQ  [B, T, H, D]     as the model holds them: no transposes
-//   kT, vT, dkT, dvT [B, Hkv, D, Kp]  keys and values by column, Kp = K rounded up to
-//                 16 and zero past K: every product vectorises over keys
+//   k, v, dK, dV  [B, K, Hkv, D]   as the model holds them
+//   kT, vT        [D, Kp] per kv head, in a work unit's scratch: keys and values by
+//                 column, Kp = K rounded up to 16 and zero past K, so that every product
+//                 vectorises over keys. The unit writes them from k, v itself: XLA:CPU
+//                 ran that transpose element by element, 3-4 ns a float (0.1-0.6 ms a
+//                 layer at the bench's shapes, profiled), and the backward needs no
+//                 saved copy.
 //   lse           [B, H, T]
 //   bias          [B, T, K] additive (0 / -1e30), or absent (has_bias = 0)
 // Query row t reads keys [0, min(K, causal_from + end of its row block)): the caller
@@ -136,7 +141,7 @@ struct Shape {
 };
 
 // ---- Forward ------------------------------------------------------------------------
-// kT, vT [B, Hkv, D, Kp] with Kp = K rounded up to W (zeros past K): both products
+// kT, vT [D, Kp] with Kp = K rounded up to W (zeros past K): both products
 // vectorise over keys with register tiles of 4 rows x 4 vectors, so each vector load
 // feeds 4 FMAs (a row-major P.V, as this kernel first had, fed 1 per broadcast it
 // loaded); the row max and the row sum ride along the stores instead of extra passes
@@ -283,15 +288,13 @@ void pv(const float* p, int64_t ks, int nr, const float* vT, int64_t Kp, const f
 }
 
 template <int ND>
-void forward_block(const Shape& sh, int64_t Kp, const float* q, const float* kT,
-                   const float* vT, const float* bias, float* o, float* lse, int64_t b,
+void forward_block(const Shape& sh, int64_t Kp, const float* q, const float* kTh,
+                   const float* vTh, const float* bias, float* o, float* lse, int64_t b,
                    int64_t h, int64_t t0, std::vector<float>& buf) {
-  const int64_t D = ND * W, G = sh.H / sh.Hkv, hk = h / G;
+  const int64_t D = ND * W;
   const int nr = static_cast<int>(std::min<int64_t>(R, sh.T - t0));
   const int64_t kend = sh.kend(t0 + nr), ks = round_up(std::max<int64_t>(kend, 1), W);
   float* s = aligned_scratch(buf, R * ks);
-  const float* kTh = kT + (b * sh.Hkv + hk) * D * Kp;
-  const float* vTh = vT + (b * sh.Hkv + hk) * D * Kp;
   float m[R], inv[R];
   const float* qr = q + ((b * sh.T + t0) * sh.H + h) * D;
   const float scale = 1.0f / std::sqrt(float(D));
@@ -312,22 +315,65 @@ void forward_block(const Shape& sh, int64_t Kp, const float* q, const float* kT,
   pv<ND>(s, ks, nr, vTh, Kp, inv, o + ((b * sh.T + t0) * sh.H + h) * D, sh.H * D);
 }
 
+// xT[d][j] = x[j * stride + d] for j < K, 0 for K <= j < Kp (d < D): one kv head of
+// [B, K, Hkv, D] to [D, Kp], in tiles of 16 keys x 16 head dims that stay in L1.
+void to_columns(const float* x, int64_t stride, int64_t K, int64_t D, int64_t Kp,
+                float* xT) {
+  for (int64_t j0 = 0; j0 < Kp; j0 += W) {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(W, K - j0));
+    for (int64_t d0 = 0; d0 < D; d0 += W) {
+      float tile[W][W];
+      for (int64_t i = 0; i < W; ++i)
+        for (int d = 0; d < W; ++d) tile[d][i] = i < n ? x[(j0 + i) * stride + d0 + d] : 0.0f;
+      for (int d = 0; d < W; ++d) std::memcpy(xT + (d0 + d) * Kp + j0, tile[d], sizeof(tile[d]));
+    }
+  }
+}
+
+// x[j * stride + d] = xT[d][j] for j < K: to_columns' inverse (the backward's dK, dV).
+void from_columns(const float* xT, int64_t K, int64_t D, int64_t Kp, int64_t stride,
+                  float* x) {
+  for (int64_t j0 = 0; j0 < K; j0 += W) {
+    const int64_t n = std::min<int64_t>(W, K - j0);
+    for (int64_t d0 = 0; d0 < D; d0 += W) {
+      float tile[W][W];
+      for (int d = 0; d < W; ++d) std::memcpy(tile[d], xT + (d0 + d) * Kp + j0, sizeof(tile[d]));
+      for (int64_t i = 0; i < n; ++i)
+        for (int d = 0; d < W; ++d) x[(j0 + i) * stride + d0 + d] = tile[d][i];
+    }
+  }
+}
+
+// Work units (batch, kv head, share c of C): a unit writes its kv head's keys and
+// values by column into its own scratch, then runs the row blocks i = c, c + C, ... of
+// every query head of the group (interleaved: under causal skipping later blocks read
+// more keys). No unit waits for another; C > 1 only when there are fewer kv heads
+// than twice the threads, and then each share repeats the (cheap) transposition.
 template <int ND>
 ffi::Error forward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
-                        const float* kT, const float* vT, const float* bias, float* o,
+                        const float* k, const float* v, const float* bias, float* o,
                         float* lse) {
-  const int64_t blocks = (sh.T + R - 1) / R, n = sh.B * sh.H * blocks;
-  parallel_for(pool, n, [&](int64_t i) {
-    thread_local std::vector<float> buf;
-    int64_t t0 = (i % blocks) * R, bh = i / blocks;
-    forward_block<ND>(sh, Kp, q, kT, vT, bias, o, lse, bh / sh.H, bh % sh.H, t0, buf);
+  const int64_t D = ND * W, st = sh.Hkv * D, G = sh.H / sh.Hkv;
+  const int64_t blocks = (sh.T + R - 1) / R, items = G * blocks;
+  const int64_t want = 2 * (pool.num_threads() + 1), heads = sh.B * sh.Hkv;
+  const int64_t C = std::clamp<int64_t>((want + heads - 1) / heads, 1, items);
+  parallel_for(pool, heads * C, [&](int64_t i) {
+    thread_local std::vector<float> cols, buf;
+    const int64_t c = i % C, bh = i / C, b = bh / sh.Hkv, hk = bh % sh.Hkv;
+    float* kTh = aligned_scratch(cols, 2 * D * Kp);
+    float* vTh = kTh + D * Kp;
+    to_columns(k + b * sh.K * st + hk * D, st, sh.K, D, Kp, kTh);
+    to_columns(v + b * sh.K * st + hk * D, st, sh.K, D, Kp, vTh);
+    for (int64_t it = c; it < items; it += C)
+      forward_block<ND>(sh, Kp, q, kTh, vTh, bias, o, lse, b, hk * G + it / blocks,
+                        (it % blocks) * R, buf);
   });
   return ffi::Error::Success();
 }
 
 // ---- Backward -----------------------------------------------------------------------
-// kT, vT, dkT, dvT [B, Hkv, D, Kp] as the forward's. Per row block: P from the saved
-// log-sum-exp and dP = dO.V^T (the forward's score tiles), dS = P * (dP - delta), dQ = dS.K
+// kT, vT, dkT, dvT [D, Kp] in the unit's scratch, as the forward's. Per row block: P
+// from the saved log-sum-exp and dP = dO.V^T (the forward's score tiles), dS = P * (dP - delta), dQ = dS.K
 // (pv with K by column), and dK^T += scale Q^T.dS, dV^T += dO^T.P as tiles of
 // 4 head dims x 4 key vectors held in registers over the block's rows.
 
@@ -369,20 +415,23 @@ void outer_add(const float (*at)[R], const float* x, int64_t ks, int nr, float* 
 // One (batch, kv head): every query head of the group and every row block, so the
 // key/value gradients of the unit are written by one thread.
 template <int ND>
-void backward_unit(const Shape& sh, int64_t Kp, const float* q, const float* kT,
-                   const float* vT, const float* bias, const float* o, const float* lse,
-                   const float* dout, float* dq, float* dkT, float* dvT, int64_t b,
+void backward_unit(const Shape& sh, int64_t Kp, const float* q, const float* k,
+                   const float* v, const float* bias, const float* o, const float* lse,
+                   const float* dout, float* dq, float* dk, float* dv, int64_t b,
                    int64_t hk, std::vector<float>& buf) {
   constexpr int D = ND * W;
-  const int64_t G = sh.H / sh.Hkv, rs = sh.H * D;
+  const int64_t G = sh.H / sh.Hkv, rs = sh.H * D, st = sh.Hkv * D, at = b * sh.K * st + hk * D;
   const float scale = 1.0f / std::sqrt(float(D));
-  const float* kTh = kT + (b * sh.Hkv + hk) * D * Kp;
-  const float* vTh = vT + (b * sh.Hkv + hk) * D * Kp;
-  float* dkTh = dkT + (b * sh.Hkv + hk) * D * Kp;
-  float* dvTh = dvT + (b * sh.Hkv + hk) * D * Kp;
-  std::fill(dkTh, dkTh + D * Kp, 0.0f);
-  std::fill(dvTh, dvTh + D * Kp, 0.0f);
-  float* p = aligned_scratch(buf, 2 * R * Kp);
+  // The head's keys and values by column, and dK^T, dV^T accumulated by column; the
+  // gradients go out as rows at the end.
+  float* p = aligned_scratch(buf, 2 * R * Kp + 4 * D * Kp);
+  float* kTh = p + 2 * R * Kp;
+  float* vTh = kTh + D * Kp;
+  float* dkTh = vTh + D * Kp;
+  float* dvTh = dkTh + D * Kp;
+  to_columns(k + at, st, sh.K, D, Kp, kTh);
+  to_columns(v + at, st, sh.K, D, Kp, vTh);
+  std::fill(dkTh, dkTh + 2 * D * Kp, 0.0f);
   for (int64_t h = hk * G; h < (hk + 1) * G; ++h)
     for (int64_t t0 = 0; t0 < sh.T; t0 += R) {
       const int nr = static_cast<int>(std::min<int64_t>(R, sh.T - t0));
@@ -431,41 +480,38 @@ void backward_unit(const Shape& sh, int64_t Kp, const float* q, const float* kT,
       outer_add<ND>(qs, dp, ks, nr, dkTh, Kp);
       outer_add<ND>(dos, p, ks, nr, dvTh, Kp);
     }
+  from_columns(dkTh, sh.K, D, Kp, st, dk + at);
+  from_columns(dvTh, sh.K, D, Kp, st, dv + at);
 }
 
 template <int ND>
 ffi::Error backward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
-                         const float* kT, const float* vT, const float* bias, const float* o,
-                         const float* lse, const float* dout, float* dq, float* dkT,
-                         float* dvT) {
+                         const float* k, const float* v, const float* bias, const float* o,
+                         const float* lse, const float* dout, float* dq, float* dk,
+                         float* dv) {
   parallel_for(pool, sh.B * sh.Hkv, [&](int64_t i) {
     thread_local std::vector<float> buf;
-    backward_unit<ND>(sh, Kp, q, kT, vT, bias, o, lse, dout, dq, dkT, dvT, i / sh.Hkv,
+    backward_unit<ND>(sh, Kp, q, k, v, bias, o, lse, dout, dq, dk, dv, i / sh.Hkv,
                         i % sh.Hkv, buf);
   });
   return ffi::Error::Success();
 }
 
-// q [B, T, H, D]; kT, vT [B, Hkv, D, Kp] with Kp = num_keys rounded up to 16; bias
-// [B, T, num_keys] when has_bias. Fills sh (K = num_keys) and Kp.
-ffi::Error check_shape(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
-                       ffi::Buffer<ffi::F32> vT, ffi::Buffer<ffi::F32> bias,
-                       int64_t causal_from, bool has_bias, int64_t num_keys, Shape* sh,
-                       int64_t* Kp) {
-  auto qd = q.dimensions(), kd = kT.dimensions();
-  if (qd.size() != 4 || kd.size() != 4)
-    return ffi::Error::InvalidArgument("cpu attention: q and kT must be rank 4");
-  *sh = Shape{qd[0], qd[1], qd[2], kd[1], num_keys, qd[3], causal_from, has_bias};
-  *Kp = kd[3];
-  if (sh->D % W != 0 || sh->D > 256 || kd[2] != sh->D || kd[0] != sh->B ||
+// Fills sh from q [B, T, H, D] and the keys' batch, kv heads, head dim and count, and
+// checks the bias ([B, T, K] when has_bias) and the head dims.
+ffi::Error check_shape(ffi::Buffer<ffi::F32> q, int64_t B, int64_t Hkv, int64_t D, int64_t K,
+                       ffi::Buffer<ffi::F32> bias, int64_t causal_from, bool has_bias,
+                       Shape* sh) {
+  auto qd = q.dimensions();
+  if (qd.size() != 4)
+    return ffi::Error::InvalidArgument("cpu attention: q must be [B, T, H, D]");
+  *sh = Shape{qd[0], qd[1], qd[2], Hkv, K, qd[3], causal_from, has_bias};
+  if (sh->D % W != 0 || sh->D > 256 || D != sh->D || B != sh->B || sh->Hkv < 1 ||
       sh->H % sh->Hkv != 0)
     return ffi::Error::InvalidArgument("cpu attention: head dim must be a multiple of 16 "
-                                       "(<= 256) and heads a multiple of kv heads");
-  if (*Kp % W != 0 || num_keys > *Kp || *Kp - num_keys >= W ||
-      vT.element_count() != kT.element_count())
-    return ffi::Error::InvalidArgument("cpu attention: kT / vT must be [B, Hkv, D, K rounded "
-                                       "up to 16]");
-  if (has_bias && bias.element_count() != static_cast<size_t>(sh->B * sh->T * num_keys))
+                                       "(<= 256), q / k batch and head dim equal, and heads "
+                                       "a multiple of kv heads");
+  if (has_bias && bias.element_count() != static_cast<size_t>(sh->B * sh->T * K))
     return ffi::Error::InvalidArgument("cpu attention: bias must be [B, Q, K]");
   return ffi::Error::Success();
 }
@@ -480,35 +526,42 @@ ffi::Error check_shape(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
     default: return ffi::Error::InvalidArgument("cpu attention: head dim 16/32/64/128/256"); \
   }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
-                    ffi::Buffer<ffi::F32> vT, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
-                    bool has_bias, int64_t num_keys, ffi::ResultBuffer<ffi::F32> o,
+// q [B, T, H, D], k, v [B, K, Hkv, D] -> o [B, T, H, D], lse [B, H, T].
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
+                    bool has_bias, ffi::ResultBuffer<ffi::F32> o,
                     ffi::ResultBuffer<ffi::F32> lse) {
+  auto kd = k.dimensions();
+  if (kd.size() != 4 || k.element_count() != v.element_count())
+    return ffi::Error::InvalidArgument("cpu attention: k and v must be [B, K, Hkv, D]");
   Shape sh;
-  int64_t Kp;
-  if (auto e = check_shape(q, kT, vT, bias, causal_from, has_bias, num_keys, &sh, &Kp);
+  if (auto e = check_shape(q, kd[0], kd[2], kd[3], kd[1], bias, causal_from, has_bias, &sh);
       e.failure())
     return e;
-  DISPATCH(sh.D / W, forward_impl<ND>(sh, Kp, pool, q.typed_data(), kT.typed_data(),
-                                       vT.typed_data(), bias.typed_data(), o->typed_data(),
-                                       lse->typed_data()))
+  DISPATCH(sh.D / W, forward_impl<ND>(sh, round_up(sh.K, W), pool, q.typed_data(),
+                                       k.typed_data(), v.typed_data(), bias.typed_data(),
+                                       o->typed_data(), lse->typed_data()))
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kT,
-                     ffi::Buffer<ffi::F32> vT, ffi::Buffer<ffi::F32> bias,
+// q [B, T, H, D], k, v [B, K, Hkv, D], o, lse (the forward's), dO -> dq, dk, dv.
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
                      ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
                      ffi::Buffer<ffi::F32> dout, int64_t causal_from, bool has_bias,
-                     int64_t num_keys, ffi::ResultBuffer<ffi::F32> dq,
-                     ffi::ResultBuffer<ffi::F32> dkT, ffi::ResultBuffer<ffi::F32> dvT) {
+                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                     ffi::ResultBuffer<ffi::F32> dv) {
+  auto kd = k.dimensions();
+  if (kd.size() != 4 || k.element_count() != v.element_count() ||
+      dk->element_count() != k.element_count() || dv->element_count() != k.element_count())
+    return ffi::Error::InvalidArgument("cpu attention: k, v, dk and dv must be [B, K, Hkv, D]");
   Shape sh;
-  int64_t Kp;
-  if (auto e = check_shape(q, kT, vT, bias, causal_from, has_bias, num_keys, &sh, &Kp);
+  if (auto e = check_shape(q, kd[0], kd[2], kd[3], kd[1], bias, causal_from, has_bias, &sh);
       e.failure())
     return e;
-  DISPATCH(sh.D / W, backward_impl<ND>(sh, Kp, pool, q.typed_data(), kT.typed_data(),
-                                        vT.typed_data(), bias.typed_data(), o.typed_data(),
-                                        lse.typed_data(), dout.typed_data(), dq->typed_data(),
-                                        dkT->typed_data(), dvT->typed_data()))
+  DISPATCH(sh.D / W, backward_impl<ND>(sh, round_up(sh.K, W), pool, q.typed_data(),
+                                        k.typed_data(), v.typed_data(), bias.typed_data(),
+                                        o.typed_data(), lse.typed_data(), dout.typed_data(),
+                                        dq->typed_data(), dk->typed_data(), dv->typed_data()))
 }
 
 }  // namespace
@@ -525,7 +578,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("causal_from")
                                   .Attr<bool>("has_bias")
-                                  .Attr<int64_t>("num_keys")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
@@ -539,6 +591,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("causal_from")
                                   .Attr<bool>("has_bias")
-                                  .Attr<int64_t>("num_keys")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
