@@ -194,3 +194,54 @@ def test_cpu_kernel_under_a_mesh_is_a_shard_map_with_the_same_result():
   out = subprocess.run([sys.executable, "-c", MESH_CHECK], env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("alignment,serve_layout", [("saisa", "per_layer"),
+                                                    ("llava", "per_layer"),
+                                                    ("saisa", "stacked")])
+def test_prefill_and_decode_with_cpu_kernel_equal_einsum(alignment, serve_layout):
+  """Prefill and three decode steps with the kernel: the cache and the logits equal
+  the einsum path's."""
+  import dataclasses
+  from model_equality import LLM, VISION, image
+  from saisa_jax.models.layer_layout import for_serving
+  cfgs = [ModelConfig(LLM, VISION, alignment=alignment, attention=a, attention_block=4,
+                      serve_layout=serve_layout) for a in ("einsum", "cpu")]
+  samples = [pack_sample([[1, 2, 3], image(0), [4, 5]], 4),
+             pack_sample([[6, 7, 8, 9, 10, 11]], 4)]
+  batch = collate(samples, 8, 1, (16, 16))
+  models = [build(c)[0] for c in cfgs]
+  params = models[0].init(jax.random.key(0), batch)["params"]
+  runs = []
+  for model in models:
+    served, p = for_serving(model, params)
+    logits, cache = jax.jit(lambda p, b: served.apply({"params": p}, b, 19,
+                                                      method=served.prefill))(p, batch)
+    steps, caches = [logits], [cache]
+    step = jax.jit(lambda p, t, c: served.apply({"params": p}, t, c, method=served.decode_step))
+    for t in ([7, 9], [3, 1], [5, 2]):
+      logits, cache = step(p, jnp.asarray(t, jnp.int32), cache)
+      steps.append(logits)
+      caches.append(cache)
+    runs.append((steps, caches))
+  (ref_logits, ref_caches), (got_logits, got_caches) = runs
+  for i, (a, b) in enumerate(zip(got_logits, ref_logits)):
+    _close(a, b, f"logits {i}")
+  for i, (a, b) in enumerate(zip(got_caches, ref_caches)):
+    # Padding rows' keys past layer 0 are meaningless (attend's docstring): compared
+    # at valid slots only; slots past the keys are zero in both.
+    valid = np.asarray(b["valid"])
+    np.testing.assert_array_equal(a["valid"], valid)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+      name = jax.tree_util.keystr(path)
+      assert x.shape == y.shape and x.dtype == y.dtype, (i, name)
+      x, y = np.asarray(x), np.asarray(y)
+      if name[:5] in ("['k']", "['v']"):  # [..., B, Hkv, hd, S] / [..., B, Hkv, S, hd]
+        shape = [1] * x.ndim
+        shape[x.ndim - 4] = valid.shape[0]
+        shape[x.ndim - (1 if name[2] == "k" else 2)] = valid.shape[1]
+        x, y = (np.where(valid.reshape(shape), z, 0) for z in (x, y))
+      if x.dtype.kind == "f":
+        _close(x, y, f"cache {i} {name}")
+      else:
+        np.testing.assert_array_equal(x, y, f"cache {i} {name}")
