@@ -373,9 +373,10 @@ ffi::Error forward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, cons
 
 // ---- Backward -----------------------------------------------------------------------
 // kT, vT, dkT, dvT [D, Kp] in the unit's scratch, as the forward's. Per row block: P
-// from the saved log-sum-exp and dP = dO.V^T (the forward's score tiles), dS = P * (dP - delta), dQ = dS.K
-// (pv with K by column), and dK^T += scale Q^T.dS, dV^T += dO^T.P as tiles of
-// 4 head dims x 4 key vectors held in registers over the block's rows.
+// from the saved log-sum-exp and dP = dO.V^T (the forward's score tiles), dS = P *
+// (dP - delta), dQ = dS.K (pv with K by column), and dK^T += scale Q^T.dS, dV^T +=
+// dO^T.P as tiles of 4 head dims x 4 key vectors held in registers over the block's
+// rows.
 
 // acc^T[d][j] += sum_{r < nr} a[r][d] * x[r][j] for d < D, j < ks (a given transposed:
 // at[d][r]); accT rows at stride Kp.
