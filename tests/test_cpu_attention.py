@@ -202,7 +202,6 @@ def test_cpu_kernel_under_a_mesh_is_a_shard_map_with_the_same_result():
 def test_prefill_and_decode_with_cpu_kernel_equal_einsum(alignment, serve_layout):
   """Prefill and three decode steps with the kernel: the cache and the logits equal
   the einsum path's."""
-  import dataclasses
   from model_equality import LLM, VISION, image
   from saisa_jax.models.layer_layout import for_serving
   cfgs = [ModelConfig(LLM, VISION, alignment=alignment, attention=a, attention_block=4,
@@ -229,7 +228,7 @@ def test_prefill_and_decode_with_cpu_kernel_equal_einsum(alignment, serve_layout
     _close(a, b, f"logits {i}")
   for i, (a, b) in enumerate(zip(got_caches, ref_caches)):
     # Padding rows' keys past layer 0 are meaningless (attend's docstring): compared
-    # at valid slots only; slots past the keys are zero in both.
+    # at valid slots only.
     valid = np.asarray(b["valid"])
     np.testing.assert_array_equal(a["valid"], valid)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
