@@ -19,57 +19,12 @@ from saisa_jax.models.build import build, dummy_batch
 from saisa_jax.models.clip import VisionTower
 from saisa_jax.models.config import ModelConfig
 from saisa_jax.models.layers import dtype_of
+from saisa_jax.tools.flops_formula import analytic_language_flops, analytic_vision_flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file[:args].",
                                           lock_config=True)
 _VISUAL = flags.DEFINE_integer("visual", None, "Visual tokens per image (default: the tower's).")
 _TEXT = flags.DEFINE_integer("text", 64, "Text tokens.")
-
-
-# XLA's FLOPs per element of the non-matmul work (measured with cost_analysis on CPU):
-# LayerNorm 8, RMSNorm 4, exact (erf) GELU 66, quick-GELU 5, SiLU(gate) * up 5,
-# softmax + scale + mask 6 per attention score, RoPE 1.5, residual / bias add 1.
-EW = dict(layernorm=8, rmsnorm=4, gelu=66, quick_gelu=5, swiglu=5, score=6, rope=1.5)
-
-
-def analytic_language_flops(cfg: ModelConfig, v: int, t: int, elementwise: bool = False) -> float:
-  """The reference's per-layer formula (multiply-add = 2 FLOPs), GQA-aware, plus the
-  LM head on text and LLaVA's global projector; `elementwise` adds norms, softmax,
-  activations, RoPE and adds (the EW table), which matter at tiny widths only."""
-  c, d, m = cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.llm.intermediate_size
-  qo = cfg.llm.num_heads * cfg.llm.dim_per_head          # q / o width (d for LLaMA)
-  kv = cfg.llm.num_kv_heads * cfg.llm.dim_per_head       # k / v width
-  n, layers, heads = v + t, cfg.llm.num_layers, cfg.llm.num_heads
-  head = 2 * t * d * cfg.llm.vocab_size
-  projector = 2 * v * (c * d + d * d)
-  proj_ew = v * d * (EW["gelu"] + 2)                     # GELU + two bias adds
-
-  def block_ew(rows, keys):                              # one decoder block's extras
-    return rows * (2 * EW["rmsnorm"] * d + EW["rope"] * (qo + kv) + EW["swiglu"] * m
-                   + 2 * d) + EW["score"] * heads * rows * keys
-
-  if cfg.alignment == "saisa":
-    per_layer = (t * (4 * d * qo + 4 * d * kv) + 4 * v * d * kv + 4 * t * n * qo
-                 + 6 * t * d * m + projector)
-    extra = block_ew(t, n) + proj_ew + v * (EW["rmsnorm"] * d + EW["rope"] * kv)
-    return layers * (per_layer + (extra if elementwise else 0)) + head + (
-        EW["rmsnorm"] * t * d if elementwise else 0)
-  per_layer = n * (4 * d * qo + 4 * d * kv) + 4 * n * n * qo + 6 * n * d * m
-  extra = layers * block_ew(n, n) + proj_ew + EW["rmsnorm"] * t * d
-  return layers * per_layer + head + projector + (extra if elementwise else 0)
-
-
-def analytic_vision_flops(cfg: ModelConfig, elementwise: bool = False) -> float:
-  vc = cfg.vision
-  p, c, mv, h = vc.num_patches + 1, vc.hidden_size, vc.intermediate_size, vc.num_heads
-  per_layer = 8 * p * c * c + 4 * p * p * c + 4 * p * c * mv
-  if elementwise:  # 2 LayerNorms, 6 bias adds, 2 residuals, softmax, quick-GELU
-    per_layer += p * (2 * EW["layernorm"] * c + 5 * c + mv + 2 * c + EW["quick_gelu"] * mv)
-    per_layer += EW["score"] * h * p * p
-  embed = 2 * vc.num_patches * c * 3 * vc.patch_size ** 2
-  if elementwise:
-    embed += p * c * (1 + EW["layernorm"])               # + positions, pre-LayerNorm
-  return vc.layers_used * per_layer + embed
 
 
 def xla_flops(fn, *abstract_args) -> float:

@@ -1,0 +1,53 @@
+"""The reference's FLOPs formula (multiply-add = 2 FLOPs) for the vision tower and the
+language side of saisa / llava, with optional elementwise terms: what saisa-flops
+prints beside XLA's count, and what saisa-bench sizes its towers by. No flags here, so
+any module can import it."""
+from __future__ import annotations
+
+from saisa_jax.models.config import ModelConfig
+
+
+# XLA's FLOPs per element of the non-matmul work (measured with cost_analysis on CPU):
+# LayerNorm 8, RMSNorm 4, exact (erf) GELU 66, quick-GELU 5, SiLU(gate) * up 5,
+# softmax + scale + mask 6 per attention score, RoPE 1.5, residual / bias add 1.
+EW = dict(layernorm=8, rmsnorm=4, gelu=66, quick_gelu=5, swiglu=5, score=6, rope=1.5)
+
+
+def analytic_language_flops(cfg: ModelConfig, v: int, t: int, elementwise: bool = False) -> float:
+  """The reference's per-layer formula (multiply-add = 2 FLOPs), GQA-aware, plus the
+  LM head on text and LLaVA's global projector; `elementwise` adds norms, softmax,
+  activations, RoPE and adds (the EW table), which matter at tiny widths only."""
+  c, d, m = cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.llm.intermediate_size
+  qo = cfg.llm.num_heads * cfg.llm.dim_per_head          # q / o width (d for LLaMA)
+  kv = cfg.llm.num_kv_heads * cfg.llm.dim_per_head       # k / v width
+  n, layers, heads = v + t, cfg.llm.num_layers, cfg.llm.num_heads
+  head = 2 * t * d * cfg.llm.vocab_size
+  projector = 2 * v * (c * d + d * d)
+  proj_ew = v * d * (EW["gelu"] + 2)                     # GELU + two bias adds
+
+  def block_ew(rows, keys):                              # one decoder block's extras
+    return rows * (2 * EW["rmsnorm"] * d + EW["rope"] * (qo + kv) + EW["swiglu"] * m
+                   + 2 * d) + EW["score"] * heads * rows * keys
+
+  if cfg.alignment == "saisa":
+    per_layer = (t * (4 * d * qo + 4 * d * kv) + 4 * v * d * kv + 4 * t * n * qo
+                 + 6 * t * d * m + projector)
+    extra = block_ew(t, n) + proj_ew + v * (EW["rmsnorm"] * d + EW["rope"] * kv)
+    return layers * (per_layer + (extra if elementwise else 0)) + head + (
+        EW["rmsnorm"] * t * d if elementwise else 0)
+  per_layer = n * (4 * d * qo + 4 * d * kv) + 4 * n * n * qo + 6 * n * d * m
+  extra = layers * block_ew(n, n) + proj_ew + EW["rmsnorm"] * t * d
+  return layers * per_layer + head + projector + (extra if elementwise else 0)
+
+
+def analytic_vision_flops(cfg: ModelConfig, elementwise: bool = False) -> float:
+  vc = cfg.vision
+  p, c, mv, h = vc.num_patches + 1, vc.hidden_size, vc.intermediate_size, vc.num_heads
+  per_layer = 8 * p * c * c + 4 * p * p * c + 4 * p * c * mv
+  if elementwise:  # 2 LayerNorms, 6 bias adds, 2 residuals, softmax, quick-GELU
+    per_layer += p * (2 * EW["layernorm"] * c + 5 * c + mv + 2 * c + EW["quick_gelu"] * mv)
+    per_layer += EW["score"] * h * p * p
+  embed = 2 * vc.num_patches * c * 3 * vc.patch_size ** 2
+  if elementwise:
+    embed += p * c * (1 + EW["layernorm"])               # + positions, pre-LayerNorm
+  return vc.layers_used * per_layer + embed
