@@ -73,6 +73,28 @@ def test_keys_and_values_reach_both_kernels_untransposed():
   assert not moved, (moved, hlo)
 
 
+@pytest.mark.parametrize("alignment", ["saisa", "llava"])
+@pytest.mark.parametrize("serve_layout", ["per_layer", "stacked"])
+def test_prefill_kernel_writes_the_cache_without_transposes(alignment, serve_layout):
+  """With attention=cpu the prefill's kernel writes the KV cache in attend_cached's
+  layouts as it attends: the compiled prefill holds no float transpose or pad (XLA's
+  transpose-and-pad of the cache ran element by element). Values: the prefill +
+  decode test below."""
+  import re
+  from model_equality import LLM, VISION, image
+  from saisa_jax.models.layer_layout import for_serving
+  model = build(ModelConfig(LLM, VISION, alignment=alignment, attention="cpu",
+                            attention_block=4, serve_layout=serve_layout))[0]
+  batch = collate([pack_sample([[1, 2, 3], image(0), [4, 5]], 4),
+                   pack_sample([[6, 7, 8, 9, 10, 11]], 4)], 8, 1, (16, 16))
+  served, p = for_serving(model, model.init(jax.random.key(0), batch)["params"])
+  hlo = jax.jit(lambda p, b: served.apply({"params": p}, b, 19, method=served.prefill)
+                ).lower(p, batch).compile().as_text()
+  assert 'custom_call_target="SaisaAttentionPrefill"' in hlo
+  moved = re.findall(r"= f32\[[^\]]*\]\S* (transpose|pad)\(", hlo)
+  assert not moved, moved
+
+
 @pytest.mark.parametrize("prefix,tq", [(0, 21), (5, 19), (40, 8), (70, 13)])
 def test_causal_skipping_with_a_visible_prefix_equals_the_textbook(prefix, tq):
   """Keys [prefix (seen by all); tq causal]: the kernel reads, per 8 query rows, only

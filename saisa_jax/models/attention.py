@@ -77,6 +77,23 @@ def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
   return _attend(q, k, v, bias, causal_from, block)
 
 
+def writes_cache(impl: str) -> bool:
+  """Whether attend_and_cache lets the kernel write the prefill's KV cache: impl "cpu"
+  outside a mesh (elsewhere SaisaModel.prefill lays the cache out itself)."""
+  return impl == "cpu" and jax.sharding.get_abstract_mesh().empty
+
+
+def attend_and_cache(q, k, v, bias, causal_from: int | None, block: int, slots: int):
+  """attend(impl="cpu") for a prefill (writes_cache): -> (out float[B, Q, H, D], k
+  [B, Hkv, D, S], v [B, Hkv, S, D] in k's dtype): the KV cache attend_cached reads,
+  S = slots, zero past the K keys; the kernel writes it in the same pass."""
+  from saisa_jax.models import cpu_attention
+  skip = causal_from is not None and bool(block) and bias is not None
+  out, kc, vc = cpu_attention.attend_prefill(q, k, v, bias, causal_from if skip else None,
+                                             slots)
+  return out, kc.astype(k.dtype), vc.astype(v.dtype)
+
+
 def _dot_product(q, k, v, bias, impl: str, even: bool):
   """jax.nn.dot_product_attention; XLA's implementation or (impl "cudnn") cuDNN's fused
   kernel, asked for by name (jax picks XLA's when none is named) and given the bias in

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import jaxlib
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels", "attention.cc")
-_TARGETS = ("SaisaAttentionForward", "SaisaAttentionBackward")
+_TARGETS = ("SaisaAttentionForward", "SaisaAttentionBackward", "SaisaAttentionPrefill")
 _LOCK = threading.Lock()
 _LIB: list = []  # the loaded library, once registered
 
@@ -102,6 +102,28 @@ def attend(q, k, v, bias, causal_from: int | None = None):
   cf = tk if causal_from is None else min(int(causal_from), tk)
   return _attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                  None if bias is None else bias.astype(jnp.float32), cf).astype(q.dtype)
+
+
+def attend_prefill(q, k, v, bias, causal_from: int | None, slots: int):
+  """attend() that also returns the prefill's KV cache in attention.attend_cached's
+  layouts: (out float[B, Q, H, D], k float32[B, Hkv, D, S] keys transposed, v
+  float32[B, Hkv, S, D]), zero past the K keys. The kernel writes the cache from the
+  by-column copies it makes anyway. Inference only (no gradient)."""
+  ensure_registered()
+  b, tq, h, d = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
+  if slots < tk:
+    raise ValueError(f"cache_size {slots} < the prompt's {tk} keys")
+  cf = tk if causal_from is None else min(int(causal_from), tk)
+  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  out, _, kc, vc = jax.ffi.ffi_call(
+      "SaisaAttentionPrefill",
+      (f32(q.shape), f32((b, h, tq)), f32((b, hkv, d, slots)), f32((b, hkv, slots, d))),
+      vmap_method="sequential")(
+          q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+          _dummy_bias() if bias is None else bias.astype(jnp.float32),
+          causal_from=cf, has_bias=bias is not None, slots=slots)
+  return out.astype(q.dtype), kc, vc
 
 
 def _dummy_bias():

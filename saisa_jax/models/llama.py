@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saisa_jax.models.attention import attend, attend_cached
+from saisa_jax.models.attention import attend, attend_and_cache, attend_cached
 from saisa_jax.models.config import ModelConfig
 from saisa_jax.models.layers import Dense, RMSNorm, constrain, dtype_of, maybe_remat, stack_axes
 from saisa_jax.models.projectors import MLPProjector
@@ -58,9 +58,11 @@ class DecoderLayer(nn.Module):
     return k, self.v_proj(h)
 
   def __call__(self, x, rope, bias, extra_kv: Optional[tuple] = None, decode: bool = False,
-               causal_from: Optional[int] = None):
+               causal_from: Optional[int] = None, cache_slots: Optional[int] = None):
     """x float[B, T, d]; bias float32[B, T, K] (attention.mask_bias). Returns (x, (k, v)).
     causal_from: keys from this index on are in the rows' order (attention.attend).
+    cache_slots: a prefill whose attention writes the KV cache (attention.writes_cache):
+    the returned k, v are then [B, Hkv, hd, S] and [B, Hkv, S, hd], S = cache_slots.
 
     extra_kv (k, v) float[B, S, Hkv, hd] are keys before this call's own: SAISA's
     visual K/V (then K = S + T and the returned k, v are all K keys: this layer's
@@ -94,8 +96,12 @@ class DecoderLayer(nn.Module):
       if extra_kv is not None:
         k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=1)
-      attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias, self.cfg.attention,
-                    causal_from, self.cfg.attention_block, self.cfg.flash_block)
+      if cache_slots is not None:
+        attn, k, v = attend_and_cache(q, k, v, bias, causal_from, self.cfg.attention_block,
+                                      cache_slots)
+      else:
+        attn = attend(q, k.astype(q.dtype), v.astype(q.dtype), bias, self.cfg.attention,
+                      causal_from, self.cfg.attention_block, self.cfg.flash_block)
     attn = constrain(attn, ("batch", "length", "heads", "kv"))
     x = x + self.o_proj(attn)
     h = self.post_norm(x)
@@ -164,16 +170,17 @@ class Decoder(nn.Module):
 
   def __call__(self, x, positions, bias, extra_kv: Optional[tuple] = None,
                return_kv: bool = False, decode: bool = False,
-               causal_from: Optional[int] = None):
+               causal_from: Optional[int] = None, cache_slots: Optional[int] = None):
     """Runs all layers. x float[B, T, d]; bias float32[B, T, K]; extra_kv: stacked
     [layers, B, S, Hkv, hd] (SAISA's visual K/V from `visual_kv`), or when `decode`
     a KV cache in SaisaModel.prefill's layout. Returns x, or
     (x, kv) with kv the stacked keys/values every layer attended to (the KV cache), or
     when decoding only the new token's [layers, B, 1, Hkv, hd]. causal_from: the
     caller's promise that the keys from this index on ([extra; x] order) are sorted as
-    the rows of x are, so no row sees a later row (enables causal block skipping)."""
+    the rows of x are, so no row sees a later row (enables causal block skipping).
+    cache_slots: see DecoderLayer (kv then in the KV cache's layout)."""
     def body(layer, carry, kv):
-      carry, kv_all = layer(carry, rope, bias, kv, decode, causal_from)
+      carry, kv_all = layer(carry, rope, bias, kv, decode, causal_from, cache_slots)
       return carry, (kv_all if return_kv else None)
 
     if getattr(bias, "dtype", None) == jnp.bool_:
@@ -185,7 +192,7 @@ class Decoder(nn.Module):
       for i, layer in enumerate(self.layers):
         x, kv = layer(x, rope, bias, None if extra_kv is None else
                       (extra_kv[0][i], extra_kv[1][i]) + tuple(extra_kv[2:]), decode,
-                      causal_from)
+                      causal_from, cache_slots)
         kvs.append(kv)
       return (x, ([k for k, _ in kvs], [v for _, v in kvs])) if return_kv else x
     scan = nn.scan(maybe_remat(body, self.cfg.remat),

@@ -19,7 +19,7 @@ from saisa_jax.models.clip import VisionTower
 from saisa_jax.models.config import ModelConfig
 from saisa_jax.models.layers import dtype_of
 from saisa_jax.models.llama import Decoder
-from saisa_jax.models.attention import is_flash, mask_bias
+from saisa_jax.models.attention import is_flash, mask_bias, writes_cache
 from saisa_jax.models import masks
 from saisa_jax.models.masks import attention_mask
 from saisa_jax.models.projectors import MLPProjector
@@ -103,10 +103,11 @@ class SaisaModel(nn.Module):
         (q_pos, q_visual, k_pos, k_visual, k_valid))
     return mask_bias(attention_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment))
 
-  def _forward(self, batch, return_kv: bool = False, features=None):
+  def _forward(self, batch, return_kv: bool = False, features=None, cache_slots=None):
     """-> (text hidden float[B, L, d] in the batch's token order, kv or None, key
     positions int32[B, K], key validity bool[B, K]). `features` (tower_features),
     when given, stand in for the tower on batch["images"] (which may then be absent).
+    cache_slots: kv in the KV cache's layout (Decoder; prefill with attention.writes_cache).
 
     The layers see their rows (text; [visual; text] for llava / naavit) sorted by
     sequence position, padding last, so that no row attends to a later row and the
@@ -122,7 +123,7 @@ class SaisaModel(nn.Module):
       x, positions, text_mask = _gather_rows(order, x, positions, text_mask)
       mask = self._mask(positions, q_visual, positions, q_visual, text_mask,
                         self.cfg.alignment)
-      out = self.decoder(x, positions, mask, return_kv=return_kv, causal_from=0)
+      out = self.decoder(x, positions, mask, return_kv=return_kv, causal_from=0, cache_slots=cache_slots)
       x, kv = out if return_kv else (out, None)
       return _ungather_rows(order, x), kv, positions, text_mask
 
@@ -135,7 +136,7 @@ class SaisaModel(nn.Module):
       visual_kv = self.decoder.visual_kv(feats, vis_pos)
       mask = self._mask(positions, q_visual, k_pos, k_visual, k_valid, "saisa")
       out = self.decoder(x, positions, mask, visual_kv, return_kv=return_kv,
-                         causal_from=n_vis)
+                         causal_from=n_vis, cache_slots=cache_slots)
       x, kv = out if return_kv else (out, None)
       return _ungather_rows(order, x), kv, k_pos, k_valid
 
@@ -145,7 +146,7 @@ class SaisaModel(nn.Module):
     order = _position_order(k_pos, k_valid)
     x, k_pos, k_valid, k_visual = _gather_rows(order, x, k_pos, k_valid, k_visual)
     mask = self._mask(k_pos, k_visual, k_pos, k_visual, k_valid, self.cfg.alignment)
-    out = self.decoder(x, k_pos, mask, return_kv=return_kv, causal_from=0)
+    out = self.decoder(x, k_pos, mask, return_kv=return_kv, causal_from=0, cache_slots=cache_slots)
     x, kv = out if return_kv else (out, None)
     return _ungather_rows(order, x)[:, n_vis:], kv, k_pos, k_valid
 
@@ -166,14 +167,19 @@ class SaisaModel(nn.Module):
     In saisa mode the visual slots come from the batched visual pass; decode steps
     then cost text only. With model.layer_layout=per_layer, k and v are lists of the
     layers' [B, ...] arrays (each its own buffer: a decode step slices nothing)."""
-    x, (k, v), k_pos, k_valid = self._forward(batch, return_kv=True, features=features)
+    # With attention=cpu the kernel writes the cache as it attends: no transposes.
+    fused = writes_cache(self.cfg.attention)
+    x, (k, v), k_pos, k_valid = self._forward(batch, return_kv=True, features=features,
+                                              cache_slots=cache_size if fused else None)
     b, keys = k_pos.shape
     if cache_size < keys:
       raise ValueError(f"cache_size {cache_size} < the prompt's {keys} keys")
     pad = cache_size - keys
     lengths = batch["text_mask"].sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
-    if isinstance(k, list):  # per layer [B, K, Hkv, hd]
+    if fused:  # already [(layers,) B, Hkv, hd, S] and [(layers,) B, Hkv, S, hd]
+      pass
+    elif isinstance(k, list):  # per layer [B, K, Hkv, hd]
       # Unordered, XLA:CPU runs each layer's cache copy beside the next layers'
       # matmuls, which then wait on their slowest thread (smollm2 prefill +13%); the
       # barrier makes the copies wait for the last layer.

@@ -349,10 +349,28 @@ void from_columns(const float* xT, int64_t K, int64_t D, int64_t Kp, int64_t str
 // every query head of the group (interleaved: under causal skipping later blocks read
 // more keys). No unit waits for another; C > 1 only when there are fewer kv heads
 // than twice the threads, and then each share repeats the (cheap) transposition.
+// The prefill's KV cache from a unit's columns: kc [D, S] (keys transposed) is kT's
+// rows cut to K and zero-padded to S slots; vc [S, D] is the head's value rows,
+// zero past K (attention.attend_cached's layouts). Row copies of fixed width: the
+// transposition is the one the unit made anyway (XLA:CPU's transpose-and-pad of the
+// same cache ran element by element, 0.1-0.4 ms a layer at the bench's tiny shapes).
+template <int ND>
+void write_cache(const float* kT, int64_t Kp, const float* v, int64_t stride, int64_t K,
+                 int64_t S, float* kc, float* vc) {
+  constexpr int64_t D = ND * W;
+  for (int64_t d = 0; d < D; ++d) {
+    std::memcpy(kc + d * S, kT + d * Kp, K * sizeof(float));
+    std::fill(kc + d * S + K, kc + (d + 1) * S, 0.0f);
+  }
+  for (int64_t j = 0; j < K; ++j) std::memcpy(vc + j * D, v + j * stride, D * sizeof(float));
+  std::fill(vc + K * D, vc + S * D, 0.0f);
+}
+
+// kc, vc: the prefill's cache, [B, Hkv, D, S] and [B, Hkv, S, D], or null (no cache).
 template <int ND>
 ffi::Error forward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
                         const float* k, const float* v, const float* bias, float* o,
-                        float* lse) {
+                        float* lse, float* kc = nullptr, float* vc = nullptr, int64_t S = 0) {
   const int64_t D = ND * W, st = sh.Hkv * D, G = sh.H / sh.Hkv;
   const int64_t blocks = (sh.T + R - 1) / R, items = G * blocks;
   const int64_t want = 2 * (pool.num_threads() + 1), heads = sh.B * sh.Hkv;
@@ -364,6 +382,9 @@ ffi::Error forward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, cons
     float* vTh = kTh + D * Kp;
     to_columns(k + b * sh.K * st + hk * D, st, sh.K, D, Kp, kTh);
     to_columns(v + b * sh.K * st + hk * D, st, sh.K, D, Kp, vTh);
+    if (kc && c == 0)
+      write_cache<ND>(kTh, Kp, v + b * sh.K * st + hk * D, st, sh.K, S, kc + bh * D * S,
+                      vc + bh * S * D);
     for (int64_t it = c; it < items; it += C)
       forward_block<ND>(sh, Kp, q, kTh, vTh, bias, o, lse, b, hk * G + it / blocks,
                         (it % blocks) * R, buf);
@@ -544,6 +565,30 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                                        o->typed_data(), lse->typed_data()))
 }
 
+// Forward() that also writes the prefill's KV cache: kc [B, Hkv, D, S], vc [B, Hkv,
+// S, D] (S = slots >= K; zero past K).
+ffi::Error Prefill(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
+                   bool has_bias, int64_t slots, ffi::ResultBuffer<ffi::F32> o,
+                   ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> kc,
+                   ffi::ResultBuffer<ffi::F32> vc) {
+  auto kd = k.dimensions();
+  if (kd.size() != 4 || k.element_count() != v.element_count())
+    return ffi::Error::InvalidArgument("cpu attention: k and v must be [B, K, Hkv, D]");
+  Shape sh;
+  if (auto e = check_shape(q, kd[0], kd[2], kd[3], kd[1], bias, causal_from, has_bias, &sh);
+      e.failure())
+    return e;
+  const size_t cache = static_cast<size_t>(sh.B * sh.Hkv * sh.D * slots);
+  if (slots < sh.K || kc->element_count() != cache || vc->element_count() != cache)
+    return ffi::Error::InvalidArgument("cpu attention: the cache must be [B, Hkv, D, S] and "
+                                       "[B, Hkv, S, D] with S >= the key count");
+  DISPATCH(sh.D / W, forward_impl<ND>(sh, round_up(sh.K, W), pool, q.typed_data(),
+                                       k.typed_data(), v.typed_data(), bias.typed_data(),
+                                       o->typed_data(), lse->typed_data(), kc->typed_data(),
+                                       vc->typed_data(), slots))
+}
+
 // q [B, T, H, D], k, v [B, K, Hkv, D], o, lse (the forward's), dO -> dq, dk, dv.
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
@@ -592,5 +637,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("causal_from")
                                   .Attr<bool>("has_bias")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionPrefill, Prefill,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("causal_from")
+                                  .Attr<bool>("has_bias")
+                                  .Attr<int64_t>("slots")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
