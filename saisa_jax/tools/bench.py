@@ -212,6 +212,15 @@ def timed(fn, repeats: int, warmup: int = 2, setup=None, sync=None) -> dict:
   return {**bench_rounds.summarize(times), "calls": times}
 
 
+def usable_cpus() -> int:
+  """CPUs this process may run on (`taskset -c 0 saisa-bench ...` benches one core;
+  XLA sizes its thread pool the same way)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
 def host_cpu():
   """The host's CPU device, or None where JAX has no CPU backend (JAX_PLATFORMS=cuda)."""
   try:
@@ -359,7 +368,7 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
   import torch
   import transformers
 
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(usable_cpus())  # as many as XLA's pool, under taskset too
   device = "cuda" if torch.cuda.is_available() else "cpu"
   sync = torch.cuda.synchronize if device == "cuda" else None
   tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -576,7 +585,7 @@ def _main(argv):
     for op in OPS:
       if ours[op].get("mfu"):
         hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
-  meta = {"device": kind, "cpu_count": os.cpu_count(), "peak_tflops": peak_tflops(kind),
+  meta = {"device": kind, "cpu_count": usable_cpus(), "peak_tflops": peak_tflops(kind),
           "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": attention,
           "rounds": rounds, "repeats": _REPEATS.value,
           "train_unroll": _TRAIN_UNROLL.value, "warmup_s": WARMUP_S,
