@@ -118,7 +118,7 @@ def clip_grid_tower(width: int, layers: int, heads: int) -> dict:
 # proportion moves the saisa/llava ratio away from what a 7B user gets.
 # tests/test_bench_presets.py holds them to it. The *_tower64 presets keep the
 # earlier bench tower (width 64, 2 layers): 26% of llava's FLOPs at tiny, 0.2% at
-# smollm2, reported beside them in README.
+# smollm2; README gives their last numbers beside the current presets'.
 TOWER64 = clip_grid_tower(64, 2, 4)
 # preset -> (LLM preset, tower, decoder layers or None for the LLM's); "default" is the
 # main job's model (16 visual tokens); "w7b" is Vicuna-7B's width with 4 decoder layers
