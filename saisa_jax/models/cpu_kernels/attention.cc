@@ -344,11 +344,6 @@ void from_columns(const float* xT, int64_t K, int64_t D, int64_t Kp, int64_t str
   }
 }
 
-// Work units (batch, kv head, share c of C): a unit writes its kv head's keys and
-// values by column into its own scratch, then runs the row blocks i = c, c + C, ... of
-// every query head of the group (interleaved: under causal skipping later blocks read
-// more keys). No unit waits for another; C > 1 only when there are fewer kv heads
-// than twice the threads, and then each share repeats the (cheap) transposition.
 // The prefill's KV cache from a unit's columns: kc [D, S] (keys transposed) is kT's
 // rows cut to K and zero-padded to S slots; vc [S, D] is the head's value rows,
 // zero past K (attention.attend_cached's layouts). Row copies of fixed width: the
@@ -366,6 +361,11 @@ void write_cache(const float* kT, int64_t Kp, const float* v, int64_t stride, in
   std::fill(vc + K * D, vc + S * D, 0.0f);
 }
 
+// Work units (batch, kv head, share c of C): a unit writes its kv head's keys and
+// values by column into its own scratch, then runs the row blocks i = c, c + C, ... of
+// every query head of the group (interleaved: under causal skipping later blocks read
+// more keys). No unit waits for another; C > 1 only when there are fewer kv heads
+// than twice the threads, and then each share repeats the (cheap) transposition.
 // kc, vc: the prefill's cache, [B, Hkv, D, S] and [B, Hkv, S, D], or null (no cache).
 template <int ND>
 ffi::Error forward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
@@ -548,11 +548,13 @@ ffi::Error check_shape(ffi::Buffer<ffi::F32> q, int64_t B, int64_t Hkv, int64_t 
     default: return ffi::Error::InvalidArgument("cpu attention: head dim 16/32/64/128/256"); \
   }
 
-// q [B, T, H, D], k, v [B, K, Hkv, D] -> o [B, T, H, D], lse [B, H, T].
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
-                    bool has_bias, ffi::ResultBuffer<ffi::F32> o,
-                    ffi::ResultBuffer<ffi::F32> lse) {
+// q [B, T, H, D], k, v [B, K, Hkv, D] -> o [B, T, H, D], lse [B, H, T], and when kc
+// is not null the prefill's cache kc [B, Hkv, D, S], vc [B, Hkv, S, D] (S = slots >= K;
+// zero past K).
+ffi::Error run_forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
+                       bool has_bias, float* o, float* lse, float* kc = nullptr,
+                       float* vc = nullptr, size_t cache_size = 0, int64_t slots = 0) {
   auto kd = k.dimensions();
   if (kd.size() != 4 || k.element_count() != v.element_count())
     return ffi::Error::InvalidArgument("cpu attention: k and v must be [B, K, Hkv, D]");
@@ -560,33 +562,33 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   if (auto e = check_shape(q, kd[0], kd[2], kd[3], kd[1], bias, causal_from, has_bias, &sh);
       e.failure())
     return e;
+  if (kc && (slots < sh.K || cache_size != static_cast<size_t>(sh.B * sh.Hkv * sh.D * slots)))
+    return ffi::Error::InvalidArgument("cpu attention: the cache must be [B, Hkv, D, S] and "
+                                       "[B, Hkv, S, D] with S >= the key count");
   DISPATCH(sh.D / W, forward_impl<ND>(sh, round_up(sh.K, W), pool, q.typed_data(),
-                                       k.typed_data(), v.typed_data(), bias.typed_data(),
-                                       o->typed_data(), lse->typed_data()))
+                                       k.typed_data(), v.typed_data(), bias.typed_data(), o,
+                                       lse, kc, vc, slots))
 }
 
-// Forward() that also writes the prefill's KV cache: kc [B, Hkv, D, S], vc [B, Hkv,
-// S, D] (S = slots >= K; zero past K).
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
+                    bool has_bias, ffi::ResultBuffer<ffi::F32> o,
+                    ffi::ResultBuffer<ffi::F32> lse) {
+  return run_forward(pool, q, k, v, bias, causal_from, has_bias, o->typed_data(),
+                     lse->typed_data());
+}
+
+// Forward() that also writes the prefill's KV cache.
 ffi::Error Prefill(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
                    bool has_bias, int64_t slots, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> kc,
                    ffi::ResultBuffer<ffi::F32> vc) {
-  auto kd = k.dimensions();
-  if (kd.size() != 4 || k.element_count() != v.element_count())
-    return ffi::Error::InvalidArgument("cpu attention: k and v must be [B, K, Hkv, D]");
-  Shape sh;
-  if (auto e = check_shape(q, kd[0], kd[2], kd[3], kd[1], bias, causal_from, has_bias, &sh);
-      e.failure())
-    return e;
-  const size_t cache = static_cast<size_t>(sh.B * sh.Hkv * sh.D * slots);
-  if (slots < sh.K || kc->element_count() != cache || vc->element_count() != cache)
-    return ffi::Error::InvalidArgument("cpu attention: the cache must be [B, Hkv, D, S] and "
-                                       "[B, Hkv, S, D] with S >= the key count");
-  DISPATCH(sh.D / W, forward_impl<ND>(sh, round_up(sh.K, W), pool, q.typed_data(),
-                                       k.typed_data(), v.typed_data(), bias.typed_data(),
-                                       o->typed_data(), lse->typed_data(), kc->typed_data(),
-                                       vc->typed_data(), slots))
+  if (kc->element_count() != vc->element_count())
+    return ffi::Error::InvalidArgument("cpu attention: the cache's k and v must match");
+  return run_forward(pool, q, k, v, bias, causal_from, has_bias, o->typed_data(),
+                     lse->typed_data(), kc->typed_data(), vc->typed_data(),
+                     kc->element_count(), slots);
 }
 
 // q [B, T, H, D], k, v [B, K, Hkv, D], o, lse (the forward's), dO -> dq, dk, dv.
