@@ -98,8 +98,7 @@ def attend(q, k, v, bias, causal_from: int | None = None):
   when j > i (attention.py's causal promise); the kernel then reads, for a block of 8
   query rows, only the keys up to causal_from + its last row. None reads every key."""
   ensure_registered()
-  tk = k.shape[1]
-  cf = tk if causal_from is None else min(int(causal_from), tk)
+  cf = _keys_read(causal_from, k.shape[1])
   return _attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                  None if bias is None else bias.astype(jnp.float32), cf).astype(q.dtype)
 
@@ -114,7 +113,7 @@ def attend_prefill(q, k, v, bias, causal_from: int | None, slots: int):
   tk, hkv = k.shape[1], k.shape[2]
   if slots < tk:
     raise ValueError(f"cache_size {slots} < the prompt's {tk} keys")
-  cf = tk if causal_from is None else min(int(causal_from), tk)
+  cf = _keys_read(causal_from, tk)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   out, _, kc, vc = jax.ffi.ffi_call(
       "SaisaAttentionPrefill",
@@ -124,6 +123,11 @@ def attend_prefill(q, k, v, bias, causal_from: int | None, slots: int):
           _dummy_bias() if bias is None else bias.astype(jnp.float32),
           causal_from=cf, has_bias=bias is not None, slots=slots)
   return out.astype(q.dtype), kc, vc
+
+
+def _keys_read(causal_from: int | None, tk: int) -> int:
+  """The kernel's causal_from attribute: tk (or more) reads every key."""
+  return tk if causal_from is None else min(int(causal_from), tk)
 
 
 def _dummy_bias():

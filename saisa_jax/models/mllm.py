@@ -177,16 +177,15 @@ class SaisaModel(nn.Module):
     pad = cache_size - keys
     lengths = batch["text_mask"].sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
-    if fused:  # already [(layers,) B, Hkv, hd, S] and [(layers,) B, Hkv, S, hd]
-      pass
-    elif isinstance(k, list):  # per layer [B, K, Hkv, hd]
+    # Fused: k, v are already [(layers,) B, Hkv, hd, S] and [(layers,) B, Hkv, S, hd].
+    if not fused and isinstance(k, list):  # per layer [B, K, Hkv, hd]
       # Unordered, XLA:CPU runs each layer's cache copy beside the next layers'
       # matmuls, which then wait on their slowest thread (smollm2 prefill +13%); the
       # barrier makes the copies wait for the last layer.
       x, k, v = jax.lax.optimization_barrier((x, k, v))
       k = [jnp.pad(a.transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),)) for a in k]
       v = [jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0),) * 2 + ((0, pad), (0, 0))) for a in v]
-    else:
+    elif not fused:
       k = jnp.pad(k.transpose(0, 1, 3, 4, 2), ((0, 0),) * 4 + ((0, pad),))
       v = jnp.pad(v.transpose(0, 1, 3, 2, 4), ((0, 0),) * 3 + ((0, pad), (0, 0)))
     cache = {
