@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from saisa_jax.models.attention import attend
 from saisa_jax.models.config import VisionConfig
-from saisa_jax.models.layers import Dense, LayerNorm, constrain, maybe_remat, quick_gelu, stack_axes
+from saisa_jax.models.layers import (Dense, LayerNorm, constrain, fit_spec, maybe_remat, quick_gelu,
+                                     stack_axes)
 
 
 class VisionLayer(nn.Module):
@@ -46,13 +47,17 @@ class PatchEmbed(nn.Module):
   stride = p (no bias, as CLIP's), i.e. a linear map of each p x p patch.
 
   kernel: float32[p, p, C, features] (HWIO; the released Conv2d weight
-  [features, C, p, p] transposed, convert/). A convolution, not patches cut out and
-  multiplied: XLA:CPU ran the 6-D transpose that cuts them element by element (1.3 ms
-  of the width-64 bench tower's 2.2 ms patch embedding; the convolution takes 0.8).
+  [features, C, p, p] transposed, convert/). impl "conv": an XLA convolution, not
+  patches cut out and multiplied (XLA:CPU ran the 6-D transpose that cuts them element
+  by element: 1.3 ms of the width-64 bench tower's 2.2 ms patch embedding; the
+  convolution takes 0.8). impl "cpu" (the tower under attention=cpu): the C++ kernel of
+  cpu_patch_embed.py, float32, which reads the patches in place (bench tower, 2 images:
+  0.22 ms against the convolution's 0.42).
   """
   features: int
   patch: int
   dtype: jnp.dtype = jnp.float32
+  impl: str = "conv"   # conv | cpu
 
   @nn.compact
   def __call__(self, images):
@@ -61,9 +66,26 @@ class PatchEmbed(nn.Module):
                                             in_axis=(0, 1, 2), out_axis=(3,))
     kernel = self.param("kernel", nn.with_logical_partitioning(
         init, (None, None, None, "vision_embed")), (p, p, ch, self.features), jnp.float32)
+    if self.impl == "cpu":
+      return _cpu_sharded(images, kernel).astype(self.dtype)
     return jax.lax.conv_general_dilated(
         images.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _cpu_sharded(images, kernel):
+  """cpu_patch_embed.patch_embed under the ambient mesh as a shard_map over the batch:
+  a custom call is opaque to XLA's partitioner, which would gather the images on every
+  device. The kernel is replicated into it (the tower is small beside the LLM)."""
+  from saisa_jax.models import cpu_patch_embed  # compiles the kernels on first use
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return cpu_patch_embed.patch_embed(images, kernel)
+  rows = fit_spec(jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(
+      ("batch", None, None, None))), mesh, images.shape)
+  return jax.shard_map(cpu_patch_embed.patch_embed, mesh=mesh,
+                       in_specs=(rows, jax.sharding.PartitionSpec()), out_specs=rows,
+                       check_vma=False)(images, kernel)
 
 
 class VisionTower(nn.Module):
@@ -83,7 +105,8 @@ class VisionTower(nn.Module):
     if hgt != c.image_size or wid != c.image_size:
       raise ValueError(f"images are {hgt}x{wid}; the vision tower expects "
                        f"{c.image_size}x{c.image_size} (model.vision.image_size)")
-    x = PatchEmbed(c.hidden_size, c.patch_size, self.dtype, name="patch_embed")(images)
+    x = PatchEmbed(c.hidden_size, c.patch_size, self.dtype,
+                   "cpu" if self.attention == "cpu" else "conv", name="patch_embed")(images)
     x = x.reshape(b, c.num_patches, c.hidden_size)
     cls = self.param("class_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("vision_embed",)), (c.hidden_size,), jnp.float32)

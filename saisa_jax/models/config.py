@@ -70,7 +70,8 @@ class ModelConfig:
   # dot_product (jax.nn.dot_product_attention, its XLA implementation) | cudnn
   # (the same call with cuDNN's fused flash attention: NVIDIA GPUs, bf16/fp16) | flash
   # (Pallas TPU kernel, mask as positions: models/flash_tpu.py) | flash_interpret (the
-  # same kernel interpreted, any backend; slow, for tests). Decoder and tower use it.
+  # same kernel interpreted, any backend; slow, for tests). Decoder and tower use it;
+  # under cpu the tower's patch embedding runs in C++ too (cpu_patch_embed.py).
   attention: str = "einsum"
   # Flash attention tile (query rows = key columns), a multiple of 128.
   flash_block: int = 256

@@ -1,10 +1,5 @@
 """attention=cpu: the fused C++ attention kernel of cpu_kernels/attention.cc, called
-through XLA's FFI (float32, XLA:CPU).
-
-The kernel is compiled on first use with the system C++ compiler against the FFI
-headers that ship with jaxlib, for this machine's vector ISA (-march=native), into a
-cache keyed by the source, jaxlib, compiler and CPU features (SAISA_KERNEL_CACHE, default
-~/.cache/saisa_jax/kernels). A missing compiler is a clear error naming the fix.
+through XLA's FFI (float32, XLA:CPU); cpu_library.py compiles it on first use.
 
 Shapes: q float32[B, Q, H, D], k/v float32[B, K, Hkv, D], bias float32[B, Q, K] or None
 -> float32[B, Q, H, D]; D a multiple of 16 up to 256. The backward recomputes the
@@ -12,85 +7,16 @@ probabilities from the saved log-sum-exp, so no [Q, K] matrix is kept for it.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels", "attention.cc")
-_TARGETS = ("SaisaAttentionForward", "SaisaAttentionBackward", "SaisaAttentionPrefill")
-_LOCK = threading.Lock()
-_LIB: list = []  # the loaded library, once registered
+from saisa_jax.models.cpu_library import ensure_registered
 
 
 def supported_head_dim(d: int) -> bool:
   return d % 16 == 0 and 16 <= d <= 256 and (d // 16) in (1, 2, 4, 8, 16)
-
-
-def _compiler() -> str:
-  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-  if not cxx:
-    raise RuntimeError("model.attention=cpu compiles a C++ kernel on first use and found no "
-                       "C++ compiler (set CXX, or install g++: apt-get install g++); "
-                       "model.attention=einsum needs none")
-  return cxx
-
-
-def _cpu_flags() -> bytes:
-  """This CPU's feature flags: -march=native code must not be reused by a machine with
-  fewer (a home directory shared across a cluster's nodes)."""
-  try:
-    with open("/proc/cpuinfo", "rb") as f:
-      return next((line for line in f if line.startswith(b"flags")), b"")
-  except OSError:
-    import platform
-    return platform.processor().encode()
-
-
-def _build() -> str:
-  """Path of the compiled kernel library, compiling it if this source, jaxlib and
-  compiler have not been built yet."""
-  cxx = _compiler()
-  src = open(_SOURCE, "rb").read()
-  flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
-  key = hashlib.sha256(src + jaxlib.__version__.encode() + cxx.encode()
-                       + " ".join(flags).encode() + _cpu_flags()).hexdigest()[:16]
-  cache = os.environ.get("SAISA_KERNEL_CACHE",
-                         os.path.join(os.path.expanduser("~"), ".cache", "saisa_jax", "kernels"))
-  lib = os.path.join(cache, f"attention-{key}.so")
-  if os.path.exists(lib):
-    return lib
-  os.makedirs(cache, exist_ok=True)
-  print(f"saisa_jax: compiling the CPU attention kernel ({cxx}) -> {lib}", file=sys.stderr)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-  os.close(fd)
-  cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
-  res = subprocess.run(cmd, capture_output=True, text=True)
-  if res.returncode:
-    os.unlink(tmp)
-    raise RuntimeError(f"compiling {_SOURCE} failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}\n"
-                       "model.attention=einsum needs no compiler")
-  os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
-  return lib
-
-
-def ensure_registered() -> None:
-  with _LOCK:
-    if _LIB:
-      return
-    lib = ctypes.cdll.LoadLibrary(_build())
-    for name in _TARGETS:
-      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-    _LIB.append(lib)
 
 
 def attend(q, k, v, bias, causal_from: int | None = None):
