@@ -71,7 +71,8 @@ def _build() -> str:
   res = subprocess.run(cmd, capture_output=True, text=True)
   if res.returncode:
     os.unlink(tmp)
-    raise RuntimeError(f"compiling {', '.join(sources)} failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}\n"
+    raise RuntimeError(f"compiling {', '.join(sources)} failed ({' '.join(cmd)}):\n"
+                       f"{res.stderr[-3000:]}\n"
                        "model.attention=einsum needs no compiler")
   os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
   return lib

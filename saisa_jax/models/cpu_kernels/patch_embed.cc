@@ -47,9 +47,9 @@ void patch_tile(const float* x, int64_t row, int64_t PC, int P, int nj, const fl
 // floats; the last may be narrower). When F is wider than a chunk, the unit first
 // copies its chunk's kernel columns into contiguous scratch [P * P * C, 64]: read in
 // place they are F floats apart, a new cache line (and at CLIP-L's F = 1024 a new
-// page) for every input (F = 1024, one image: 10.9 -> 4.9 ms on one core). Then each patch row of
-// the group runs its tiles: 4 patches x 4 vectors (each kernel load feeds 4 FMAs, each
-// x broadcast 4), or 8 patches x 1 vector for a narrow last chunk.
+// page) for every input (F = 1024, one image: 10.9 -> 4.9 ms on one core). Then each
+// patch row of the group runs its tiles: 4 patches x 4 vectors (each kernel load feeds
+// 4 FMAs, each x broadcast 4), or 8 patches x 1 vector for a narrow last chunk.
 template <int JB, int NV>
 void patch_row(const float* x, int64_t row, int64_t PC, int P, int64_t Wp, const float* k,
                int64_t ks, float* out, int64_t F) {
@@ -83,7 +83,8 @@ ffi::Error PatchEmbed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     int64_t kstride = F;
     if (F > CW) {  // pack: kc[q][0, nf) = k[q][f0, f0 + nf)
       float* pk = aligned_scratch(buf, P * PC * CW);
-      for (int64_t q = 0; q < P * PC; ++q) std::memcpy(pk + q * CW, ks + q * F + f0, nf * sizeof(float));
+      for (int64_t q = 0; q < P * PC; ++q)
+        std::memcpy(pk + q * CW, ks + q * F + f0, nf * sizeof(float));
       kc = pk;
       kstride = CW;
     }
