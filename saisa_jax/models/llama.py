@@ -53,9 +53,28 @@ class DecoderLayer(nn.Module):
 
   def visual_kv(self, feats, rope):
     """feats float[B, V, c], rope (cos, sin)[B, V, hd] -> (k, v) float[B, V, Hkv, hd]."""
+    if self._fused_visual_kv():
+      return self._cpu_visual_kv(feats, rope)
     h = self.input_norm(self.projector(feats))
     k = apply_rope(self.k_proj(h), *rope)
     return k, self.v_proj(h)
+
+  def _fused_visual_kv(self) -> bool:
+    """The C++ visual pass (cpu_visual_kv.py): attention=cpu, float32, the per-layer
+    (serving) layout, outside a mesh, once the parameters exist. Training keeps XLA's
+    pass, stacked over layers."""
+    return (self.cfg.attention == "cpu" and self.cfg.layer_layout == "per_layer"
+            and dtype_of(self.cfg.dtype) == jnp.float32 and not self.is_initializing()
+            and jax.sharding.get_abstract_mesh().empty)
+
+  def _cpu_visual_kv(self, feats, rope):
+    from saisa_jax.models import cpu_visual_kv
+    p = nn.meta.unbox(self.variables["params"])
+    proj = p["projector"]
+    return cpu_visual_kv.visual_kv(
+        feats, proj["fc1"]["kernel"], proj["fc1"]["bias"], proj["fc2"]["kernel"],
+        proj["fc2"]["bias"], p["input_norm"]["scale"], p["k_proj"]["kernel"],
+        p["v_proj"]["kernel"], *rope, self.cfg.llm.rms_eps)
 
   def __call__(self, x, rope, bias, extra_kv: Optional[tuple] = None, decode: bool = False,
                causal_from: Optional[int] = None, cache_slots: Optional[int] = None):
