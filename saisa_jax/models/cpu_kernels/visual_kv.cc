@@ -187,21 +187,21 @@ ffi::Error VisualKV(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
         "[N, E]");
   d.Dp = round_up(d.D, NR);
   d.E2p = round_up(2 * d.E, NR);
-  const int64_t n1 = d.Dp / NR, n2 = d.Dp / NR, n3 = d.E2p / NR;
+  const int64_t nd = d.Dp / NR, ne = d.E2p / NR;  // panels of w1 and w2; of [wk | wv]
 
   // Pack w1, w2 and [wk | wv] (one matrix [D, 2E]: one pass makes keys and values).
   std::vector<float> buf;
-  float* packed = aligned_scratch(buf, (n1 * d.C + (n2 + n3) * d.D) * NR);
+  float* packed = aligned_scratch(buf, (nd * d.C + (nd + ne) * d.D) * NR);
   float* p1 = packed;
-  float* p2 = p1 + n1 * d.C * NR;
-  float* p3 = p2 + n2 * d.D * NR;
+  float* p2 = p1 + nd * d.C * NR;
+  float* p3 = p2 + nd * d.D * NR;
   const float* wks = wk.typed_data();
   const float* wvs = wv.typed_data();
-  parallel_for(pool, n1 + n2 + n3, [&](int64_t u) {
-    if (u < n1) return pack_panel(w1.typed_data(), d.D, d.C, d.D, u, p1 + u * d.C * NR);
-    u -= n1;
-    if (u < n2) return pack_panel(w2.typed_data(), d.D, d.D, d.D, u, p2 + u * d.D * NR);
-    u -= n2;
+  parallel_for(pool, 2 * nd + ne, [&](int64_t u) {
+    if (u < nd) return pack_panel(w1.typed_data(), d.D, d.C, d.D, u, p1 + u * d.C * NR);
+    u -= nd;
+    if (u < nd) return pack_panel(w2.typed_data(), d.D, d.D, d.D, u, p2 + u * d.D * NR);
+    u -= nd;
     // Columns [0, E) from wk, [E, 2E) from wv; a panel may straddle the two.
     const int64_t c0 = u * NR, c1 = c0 + NR;
     const int64_t nk = std::clamp<int64_t>(d.E - c0, 0, NR);
