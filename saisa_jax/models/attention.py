@@ -65,7 +65,7 @@ def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
     raise TypeError(f"attention {impl!r} takes the mask as a float bias, got "
                     f"{type(bias).__name__} (a PositionMask is for model.attention=flash)")
   if impl == "cpu":
-    return _cpu_sharded(q, k, v, bias, _kernel_causal_from(causal_from, block, bias))
+    return _cpu_sharded(q, k, v, bias, kernel_causal_from(causal_from, block, bias))
   if impl in ("dot_product", "cudnn"):
     return _dot_product(q, k, v, bias, impl, even=impl == "cudnn")
   if impl != "einsum":
@@ -88,11 +88,11 @@ def attend_and_cache(q, k, v, bias, causal_from: int | None, block: int, slots: 
   S = slots, zero past the K keys; the kernel writes it in the same pass."""
   from saisa_jax.models import cpu_attention
   out, kc, vc = cpu_attention.attend_prefill(
-      q, k, v, bias, _kernel_causal_from(causal_from, block, bias), slots)
+      q, k, v, bias, kernel_causal_from(causal_from, block, bias), slots)
   return out, kc.astype(k.dtype), vc.astype(v.dtype)
 
 
-def _kernel_causal_from(causal_from, block, bias):
+def kernel_causal_from(causal_from, block, bias):
   """The C++ kernel skips only under a bias (what hides the skipped keys in the
   unblocked computation) and with blocking on; None reads every key."""
   return causal_from if causal_from is not None and bool(block) and bias is not None else None

@@ -1,5 +1,6 @@
-"""The C++ kernels of cpu_kernels/ (attention.cc, patch_embed.cc, visual_kv.cc; XLA FFI
-custom calls for XLA:CPU), compiled into one library on first use and registered with XLA.
+"""The C++ kernels of cpu_kernels/ (attention.cc, decoder_layer.cc, patch_embed.cc,
+visual_kv.cc; XLA FFI custom calls for XLA:CPU), compiled into one library on first use
+and registered with XLA.
 
 The library is built with the system C++ compiler against the FFI headers that ship
 with jaxlib, for this machine's vector ISA (-march=native), into a cache keyed by the
@@ -21,10 +22,10 @@ import jax
 import jaxlib
 
 _DIR = os.path.join(os.path.dirname(__file__), "cpu_kernels")
-_SOURCES = ("attention.cc", "patch_embed.cc", "visual_kv.cc")
-_HEADERS = ("simd.h",)
+_SOURCES = ("attention.cc", "decoder_layer.cc", "patch_embed.cc", "visual_kv.cc")
+_HEADERS = ("simd.h", "attention_fwd.h", "gemm.h", "rows.h")
 _TARGETS = ("SaisaAttentionForward", "SaisaAttentionBackward", "SaisaAttentionPrefill",
-            "SaisaPatchEmbed", "SaisaVisualKV")
+            "SaisaPatchEmbed", "SaisaVisualKV", "SaisaDecoderLayer")
 _LOCK = threading.Lock()
 _LIB: list = []  # the loaded library, once registered
 

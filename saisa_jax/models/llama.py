@@ -59,13 +59,45 @@ class DecoderLayer(nn.Module):
     k = apply_rope(self.k_proj(h), *rope)
     return k, self.v_proj(h)
 
-  def _fused_visual_kv(self) -> bool:
-    """The C++ visual pass (cpu_visual_kv.py): attention=cpu, float32, the per-layer
+  def _serving_on_cpu(self) -> bool:
+    """Whether the C++ layer kernels apply: attention=cpu, float32, the per-layer
     (serving) layout, outside a mesh, once the parameters exist. Training keeps XLA's
-    pass, stacked over layers."""
+    ops, stacked over layers."""
     return (self.cfg.attention == "cpu" and self.cfg.layer_layout == "per_layer"
             and dtype_of(self.cfg.dtype) == jnp.float32 and not self.is_initializing()
             and jax.sharding.get_abstract_mesh().empty)
+
+  def _fused_visual_kv(self) -> bool:
+    """The C++ visual pass (cpu_visual_kv.py)."""
+    return self._serving_on_cpu()
+
+  def _fused_layer(self, rows: int) -> bool:
+    """The C++ layer (cpu_decoder_layer.py) for a forward or prefill of `rows` rows, at
+    shapes it takes and where it beats XLA's ops (cpu_decoder_layer.worth_it)."""
+    from saisa_jax.models import cpu_decoder_layer
+    c = self.cfg.llm
+    dims = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.dim_per_head)
+    return (self._serving_on_cpu() and cpu_decoder_layer.supported(*dims)
+            and cpu_decoder_layer.worth_it(rows, *dims))
+
+  def _cpu_layer(self, x, rope, bias, extra_kv, causal_from, cache_slots):
+    """__call__ (not decoding) in one C++ call; see there."""
+    from saisa_jax.models import cpu_decoder_layer
+    from saisa_jax.models.attention import kernel_causal_from
+    from saisa_jax.models.cpu_attention import _keys_read
+    p = nn.meta.unbox(self.variables["params"])
+    w = cpu_decoder_layer.LayerWeights(
+        p["input_norm"]["scale"], p["q_proj"]["kernel"], p["k_proj"]["kernel"],
+        p["v_proj"]["kernel"], p["o_proj"]["kernel"], p["post_norm"]["scale"],
+        p["gate_proj"]["kernel"], p["up_proj"]["kernel"], p["down_proj"]["kernel"])
+    keys = x.shape[1] + (0 if extra_kv is None else extra_kv[0].shape[1])
+    cf = _keys_read(kernel_causal_from(causal_from, self.cfg.attention_block, bias), keys)
+    eps = self.cfg.llm.rms_eps
+    if cache_slots is not None:
+      out, k, v = cpu_decoder_layer.layer(x, *rope, bias, extra_kv, w, eps, cf, cache_slots)
+    else:
+      out, k, v = cpu_decoder_layer.layer_own_kv(x, *rope, bias, extra_kv, w, eps, cf)
+    return out.astype(x.dtype), (k, v)
 
   def _cpu_visual_kv(self, feats, rope):
     from saisa_jax.models import cpu_visual_kv
@@ -92,6 +124,8 @@ class DecoderLayer(nn.Module):
     or (k, v, write int32[B]): the layer writes the new key/value into slot `write`
     itself (bias must show that slot) and returns the updated cache.
     """
+    if not decode and self._fused_layer(x.shape[0] * x.shape[1]):
+      return self._cpu_layer(x, rope, bias, extra_kv, causal_from, cache_slots)
     h = self.input_norm(x)
     q = apply_rope(self.q_proj(h), *rope)
     h, q = self._one_at_a_time(h, q)

@@ -16,69 +16,10 @@
 // The weights are first packed into panels of 32 columns ([K][32] each, zero past the
 // last column), so a 12-row x 32-column register tile streams one contiguous panel.
 
-#include <cmath>
-
-#include "simd.h"
+#include "gemm.h"
+#include "rows.h"
 
 namespace {
-
-constexpr int MR = 12;      // rows of a register tile
-constexpr int NR = 2 * W;   // columns of a register tile (a packed panel's width)
-
-// c[MR, NR] (row stride ldc) = a[MR, K] (row stride lda) . panel[K, NR].
-inline void tile(const float* a, int64_t lda, const float* panel, int64_t K, float* c,
-                 int64_t ldc) {
-  vf c0[MR], c1[MR];
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
-    const vf b0 = load(panel + k * NR), b1 = load(panel + k * NR + W);
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const vf ai = splat(a[i * lda + k]);
-      c0[i] += ai * b0;
-      c1[i] += ai * b1;
-    }
-  }
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i) {
-    store(c + i * ldc, c0[i]);
-    store(c + i * ldc + W, c1[i]);
-  }
-}
-
-// c[rows, ncols padded to NR] = a[rows, K] . packed b; rows a multiple of MR.
-inline void matmul(const float* a, int64_t lda, int64_t rows, const float* packed, int64_t K,
-                   int64_t panels, float* c, int64_t ldc) {
-  for (int64_t p = 0; p < panels; ++p)
-    for (int64_t r = 0; r < rows; r += MR)
-      tile(a + r * lda, lda, packed + p * K * NR, K, c + r * ldc + p * NR, ldc);
-}
-
-// Column panel p of b [K, n] (row stride ldb) into dst[K][NR], zero past column n.
-inline void pack_panel(const float* b, int64_t ldb, int64_t K, int64_t n, int64_t p,
-                       float* dst) {
-  const int64_t j0 = p * NR, nj = std::min<int64_t>(NR, n - j0);
-  for (int64_t k = 0; k < K; ++k) {
-    float* d = dst + k * NR;
-    std::memcpy(d, b + k * ldb + j0, nj * sizeof(float));
-    std::fill(d + nj, d + NR, 0.0f);
-  }
-}
-
-// 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7):
-// erfc(z) = t (a1 + t (a2 + ... a5)) exp(-z^2), t = 1 / (1 + p z), z = |x| / sqrt 2.
-// For x < 0, 1 + erf = erfc(z) directly, so the tail keeps its relative precision.
-inline vf vgelu(vf x) {
-  const vf z = (x < 0.0f ? -x : x) * 0.70710678118654752f;
-  const vf t = 1.0f / (z * 0.3275911f + 1.0f);
-  vf y = t * 1.061405429f - 1.453152027f;
-  y = y * t + 1.421413741f;
-  y = y * t - 0.284496736f;
-  y = y * t + 0.254829592f;
-  y = y * t * vexp(-(z * z));
-  return 0.5f * x * (x < 0.0f ? y : 2.0f - y);
-}
 
 struct Dims {
   int64_t N, C, D, E, hd;
@@ -99,60 +40,21 @@ void block(const Dims& d, int64_t r0, int64_t rows, const float* x, const float*
   std::memcpy(xs, x + r0 * d.C, rows * d.C * sizeof(float));
   std::fill(xs + rows * d.C, xs + rp * d.C, 0.0f);
 
-  matmul(xs, d.C, rp, p1, d.C, d.Dp / NR, h1, d.Dp);
-  const int64_t Dv = d.D / W * W;  // the vectorised columns; the rest one by one
-  for (int64_t i = 0; i < rows; ++i) {
-    float* h = h1 + i * d.Dp;
-    for (int64_t j = 0; j < Dv; j += W) store(h + j, vgelu(load(h + j) + load(b1 + j)));
-    for (int64_t j = Dv; j < d.D; ++j) {
-      const float v = h[j] + b1[j];
-      h[j] = 0.5f * v * std::erfc(-v * 0.70710678118654752f);
-    }
-  }
+  matmul_packed(xs, d.C, rp, p1, d.C, d.Dp / NR, h1, d.Dp);
+  for (int64_t i = 0; i < rows; ++i) bias_gelu(h1 + i * d.Dp, b1, d.D);
 
-  matmul(h1, d.Dp, rp, p2, d.D, d.Dp / NR, h2, d.Dp);
+  matmul_packed(h1, d.Dp, rp, p2, d.D, d.Dp / NR, h2, d.Dp);
   for (int64_t i = 0; i < rows; ++i) {
     float* h = h2 + i * d.Dp;
-    vf sq{};
-    float tail = 0.0f;
-    for (int64_t j = 0; j < Dv; j += W) {
-      const vf v = load(h + j) + load(b2 + j);
-      store(h + j, v);
-      sq += v * v;
-    }
-    for (int64_t j = Dv; j < d.D; ++j) {
-      h[j] += b2[j];
-      tail += h[j] * h[j];
-    }
-    const float inv = 1.0f / std::sqrt((hsum(sq) + tail) / d.D + eps);
-    for (int64_t j = 0; j < Dv; j += W) store(h + j, load(h + j) * inv * load(g + j));
-    for (int64_t j = Dv; j < d.D; ++j) h[j] = h[j] * inv * g[j];
+    for (int64_t j = 0; j < d.D; ++j) h[j] += b2[j];
+    rms_norm(h, g, d.D, eps);
   }
 
-  matmul(h2, d.Dp, rp, p3, d.D, d.E2p / NR, o, d.E2p);
-  const int64_t half = d.hd / 2, heads = d.E / d.hd;
+  matmul_packed(h2, d.Dp, rp, p3, d.D, d.E2p / NR, o, d.E2p);
   for (int64_t i = 0; i < rows; ++i) {
     const float* src = o + i * d.E2p;
-    const float* c = cs + (r0 + i) * d.hd;
-    const float* s = sn + (r0 + i) * d.hd;
-    float* kr = k_out + (r0 + i) * d.E;
-    // x . cos + rotate_half(x) . sin, rotate_half(x) = [-x2, x1] (HF LLaMA's RoPE).
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* a = src + h * d.hd;
-      float* out = kr + h * d.hd;
-      int64_t j = 0;
-      if (half % W == 0) {
-        for (; j < half; j += W) {
-          const vf x1 = load(a + j), x2 = load(a + half + j);
-          store(out + j, x1 * load(c + j) - x2 * load(s + j));
-          store(out + half + j, x2 * load(c + half + j) + x1 * load(s + half + j));
-        }
-      }
-      for (; j < half; ++j) {
-        out[j] = a[j] * c[j] - a[half + j] * s[j];
-        out[half + j] = a[half + j] * c[half + j] + a[j] * s[half + j];
-      }
-    }
+    rope(src, cs + (r0 + i) * d.hd, sn + (r0 + i) * d.hd, d.hd, d.E / d.hd,
+         k_out + (r0 + i) * d.E);
     std::memcpy(v_out + (r0 + i) * d.E, src + d.E, d.E * sizeof(float));
   }
 }

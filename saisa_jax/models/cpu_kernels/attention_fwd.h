@@ -1,0 +1,295 @@
+// The forward pass of the fused attention kernel (attention.cc has the layouts and
+// the backward; decoder_layer.cc runs this forward inside a whole decoder layer).
+// In an anonymous namespace, like simd.h: each translation unit gets its own copy.
+#pragma once
+
+#include <cmath>
+
+#include "simd.h"
+
+namespace {
+
+constexpr int R = 8;   // query rows per block
+
+struct Shape {
+  int64_t B, T, H, Hkv, K, D, causal_from;
+  bool has_bias;
+  int64_t kend(int64_t row_end) const { return std::min(K, causal_from + row_end); }
+};
+
+// ---- Forward ------------------------------------------------------------------------
+// kT, vT [D, Kp] with Kp = K rounded up to W (zeros past K): both products
+// vectorise over keys with register tiles of 4 rows x 4 vectors, so each vector load
+// feeds 4 FMAs (a row-major P.V, as this kernel first had, fed 1 per broadcast it
+// loaded); the row max and the row sum ride along the stores instead of extra passes
+// over the scores.
+
+// sums[i] = horizontal sum of a[i], i < 16: a transposing tree of shuffles and adds.
+inline vf reduce16(const vf* a) {
+  vf t1[8], t2[4], t3[2];
+  for (int i = 0; i < 8; ++i)
+    t1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17,
+                                    18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24,
+                                    25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    t2[i] = __builtin_shufflevector(t1[2 * i], t1[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16,
+                                    17, 18, 19, 24, 25, 26, 27) +
+            __builtin_shufflevector(t1[2 * i], t1[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20,
+                                    21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    t3[i] = __builtin_shufflevector(t2[2 * i], t2[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16,
+                                    17, 20, 21, 24, 25, 28, 29) +
+            __builtin_shufflevector(t2[2 * i], t2[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18,
+                                    19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(t3[0], t3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                 24, 26, 28, 30) +
+         __builtin_shufflevector(t3[0], t3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25,
+                                 27, 29, 31);
+}
+
+constexpr float kHidden = -1e30f;
+
+inline vf vmax(vf a, vf b) {
+#ifdef __AVX512F__
+  return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+// Finishes one score vector of a row at keys [j, j + W) that reaches past kend: adds
+// the bias to the visible keys, hides the rest, stores it and folds it into the max.
+inline void finish_partial(vf v, int64_t j, int64_t kend, const float* brow, float* srow,
+                           vf& mx) {
+  for (int i = 0; i < W; ++i)
+    v[i] = j + i < kend ? v[i] + (brow ? brow[j + i] : 0.0f) : kHidden;
+  store(srow + j, v);
+  mx = vmax(mx, v);
+}
+
+// s[r][j] = scale * q[r] . k[j] (+ bias[r][j]) for j < kend, kHidden for j in [kend, ks);
+// m[r] = max_j s[r][j]. Rows r < nr (rows past nr are not written). Groups of 4 rows;
+// within a group, tiles of 4 key vectors while every key is visible, then single vectors.
+template <int ND, bool BIAS>
+void scores(const float* q, int64_t q_stride, int nr, const float* kT, int64_t Kp,
+            int64_t kend, float scale, const float* bias, int64_t b_stride, float* s,
+            int64_t ks, float* m) {
+  constexpr int D = ND * W;
+  const int64_t jfull = kend / W * W;
+  for (int r0 = 0; r0 < nr; r0 += 4) {
+    const int g = std::min(4, nr - r0);
+    float qa[4][D];
+    for (int r = 0; r < 4; ++r)
+      for (int d = 0; d < D; ++d) qa[r][d] = r < g ? q[(r0 + r) * q_stride + d] * scale : 0.0f;
+    vf mx[4];
+    for (int r = 0; r < 4; ++r) mx[r] = splat(kHidden);
+    float* sg = s + r0 * ks;
+    const float* bg = BIAS ? bias + r0 * b_stride : nullptr;
+    int64_t j = 0;
+    for (; j + 4 * W <= jfull; j += 4 * W) {
+      vf acc[4][4] = {};
+      for (int d = 0; d < D; ++d) {
+        const float* kd = kT + d * Kp + j;
+        vf k0 = load(kd), k1 = load(kd + W), k2 = load(kd + 2 * W), k3 = load(kd + 3 * W);
+        for (int r = 0; r < 4; ++r) {
+          vf a = splat(qa[r][d]);
+          acc[r][0] += a * k0; acc[r][1] += a * k1; acc[r][2] += a * k2; acc[r][3] += a * k3;
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) {
+          vf v = acc[r][c];
+          if (BIAS) v += load(bg + r * b_stride + j + c * W);
+          store(sg + r * ks + j + c * W, v);
+          mx[r] = vmax(mx[r], v);
+        }
+    }
+    for (; j < ks; j += W) {
+      vf acc[4] = {};
+      for (int d = 0; d < D; ++d) {
+        vf k0 = load(kT + d * Kp + j);
+        for (int r = 0; r < 4; ++r) acc[r] += splat(qa[r][d]) * k0;
+      }
+      for (int r = 0; r < g; ++r) {
+        if (j + W <= kend) {
+          vf v = acc[r];
+          if (BIAS) v += load(bg + r * b_stride + j);
+          store(sg + r * ks + j, v);
+          mx[r] = vmax(mx[r], v);
+        } else {
+          finish_partial(acc[r], j, kend, BIAS ? bg + r * b_stride : nullptr, sg + r * ks, mx[r]);
+        }
+      }
+    }
+    for (int r = 0; r < g; ++r) {
+      float v = kHidden;
+      for (int i = 0; i < W; ++i) v = std::max(v, mx[r][i]);
+      m[r0 + r] = v;
+    }
+  }
+}
+
+// scores() for rows [t0, t0 + nr) of batch b, with the call's bias when it has one.
+template <int ND>
+void masked_scores(const Shape& sh, const float* bias, int64_t b, int64_t t0, const float* q,
+                   int64_t q_stride, int nr, const float* kT, int64_t Kp, int64_t kend,
+                   float scale, float* s, int64_t ks, float* m) {
+  if (sh.has_bias)
+    scores<ND, true>(q, q_stride, nr, kT, Kp, kend, scale, bias + (b * sh.T + t0) * sh.K, sh.K,
+                     s, ks, m);
+  else
+    scores<ND, false>(q, q_stride, nr, kT, Kp, kend, scale, nullptr, 0, s, ks, m);
+}
+
+// out[r][d] = alpha[r] * sum_{j < ks} p[r][j] * vT[d][j], rows r < nr (p rows past nr
+// are read as given: the caller zeroes them).
+template <int ND>
+void pv(const float* p, int64_t ks, int nr, const float* vT, int64_t Kp, const float* alpha,
+        float* out, int64_t o_stride) {
+  constexpr int D = ND * W;
+  for (int r0 = 0; r0 < nr; r0 += 4)
+    for (int d0 = 0; d0 < D; d0 += 4) {
+      vf acc[16] = {};
+      for (int64_t j = 0; j < ks; j += W) {
+        vf pr[4], vd[4];
+        for (int r = 0; r < 4; ++r) pr[r] = load(p + (r0 + r) * ks + j);
+        for (int c = 0; c < 4; ++c) vd[c] = load(vT + (d0 + c) * Kp + j);
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) acc[r * 4 + c] += pr[r] * vd[c];
+      }
+      vf sums = reduce16(acc);
+      for (int r = 0; r < 4 && r0 + r < nr; ++r)
+        for (int c = 0; c < 4; ++c) out[(r0 + r) * o_stride + d0 + c] = sums[r * 4 + c] * alpha[r0 + r];
+    }
+}
+
+template <int ND>
+void forward_block(const Shape& sh, int64_t Kp, const float* q, const float* kTh,
+                   const float* vTh, const float* bias, float* o, float* lse, int64_t b,
+                   int64_t h, int64_t t0, std::vector<float>& buf) {
+  const int64_t D = ND * W;
+  const int nr = static_cast<int>(std::min<int64_t>(R, sh.T - t0));
+  const int64_t kend = sh.kend(t0 + nr), ks = round_up(std::max<int64_t>(kend, 1), W);
+  float* s = aligned_scratch(buf, R * ks);
+  float m[R], inv[R];
+  const float* qr = q + ((b * sh.T + t0) * sh.H + h) * D;
+  const float scale = 1.0f / std::sqrt(float(D));
+  masked_scores<ND>(sh, bias, b, t0, qr, sh.H * D, nr, kTh, Kp, kend, scale, s, ks, m);
+  for (int r = 0; r < nr; ++r) {
+    float* sr = s + r * ks;
+    vf mv = splat(m[r]), acc = {};
+    for (int64_t j = 0; j < ks; j += W) {
+      vf e = vexp(load(sr + j) - mv);
+      store(sr + j, e);
+      acc += e;
+    }
+    float sum = hsum(acc);
+    inv[r] = sum > 0 ? 1.0f / sum : 0.0f;
+    lse[(b * sh.H + h) * sh.T + t0 + r] = m[r] + std::log(sum > 0 ? sum : 1.0f);
+  }
+  if (nr % 4) std::fill(s + nr * ks, s + round_up(nr, 4) * ks, 0.0f);
+  pv<ND>(s, ks, nr, vTh, Kp, inv, o + ((b * sh.T + t0) * sh.H + h) * D, sh.H * D);
+}
+
+// The K rows of one (batch, kv head) of keys or values: rows [0, V) from `extra`,
+// rows [V, K) from `own`, each at row stride `stride`. SAISA's visual keys come before
+// the text's own this way without a concatenated copy (decoder_layer.cc); V = 0 is
+// one array.
+struct Rows {
+  const float* extra;
+  int64_t V;
+  const float* own;
+  int64_t stride;
+  const float* operator()(int64_t j) const {
+    return j < V ? extra + j * stride : own + (j - V) * stride;
+  }
+};
+
+// xT[d][j] = row j of x at d for j < K, 0 for K <= j < Kp (d < D): one kv head of
+// [B, K, Hkv, D] to [D, Kp], in tiles of 16 keys x 16 head dims that stay in L1.
+void to_columns(const Rows& x, int64_t K, int64_t D, int64_t Kp, float* xT) {
+  for (int64_t j0 = 0; j0 < Kp; j0 += W) {
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(W, K - j0));
+    for (int64_t d0 = 0; d0 < D; d0 += W) {
+      float tile[W][W];
+      for (int64_t i = 0; i < W; ++i) {
+        const float* row = i < n ? x(j0 + i) + d0 : nullptr;
+        for (int d = 0; d < W; ++d) tile[d][i] = row ? row[d] : 0.0f;
+      }
+      for (int d = 0; d < W; ++d) std::memcpy(xT + (d0 + d) * Kp + j0, tile[d], sizeof(tile[d]));
+    }
+  }
+}
+
+void to_columns(const float* x, int64_t stride, int64_t K, int64_t D, int64_t Kp,
+                float* xT) {
+  to_columns(Rows{nullptr, 0, x, stride}, K, D, Kp, xT);
+}
+
+// x[j * stride + d] = xT[d][j] for j < K: to_columns' inverse (the backward's dK, dV).
+void from_columns(const float* xT, int64_t K, int64_t D, int64_t Kp, int64_t stride,
+                  float* x) {
+  for (int64_t j0 = 0; j0 < K; j0 += W) {
+    const int64_t n = std::min<int64_t>(W, K - j0);
+    for (int64_t d0 = 0; d0 < D; d0 += W) {
+      float tile[W][W];
+      for (int d = 0; d < W; ++d) std::memcpy(tile[d], xT + (d0 + d) * Kp + j0, sizeof(tile[d]));
+      for (int64_t i = 0; i < n; ++i)
+        for (int d = 0; d < W; ++d) x[(j0 + i) * stride + d0 + d] = tile[d][i];
+    }
+  }
+}
+
+// The prefill's KV cache from a unit's columns: kc [D, S] (keys transposed) is kT's
+// rows cut to K and zero-padded to S slots; vc [S, D] is the head's value rows,
+// zero past K (attention.attend_cached's layouts). Row copies of fixed width: the
+// transposition is the one the unit made anyway (XLA:CPU's transpose-and-pad of the
+// same cache ran element by element, 0.1-0.4 ms a layer at the bench's tiny shapes).
+template <int ND>
+void write_cache(const float* kT, int64_t Kp, const Rows& v, int64_t K, int64_t S, float* kc,
+                 float* vc) {
+  constexpr int64_t D = ND * W;
+  for (int64_t d = 0; d < D; ++d) {
+    std::memcpy(kc + d * S, kT + d * Kp, K * sizeof(float));
+    std::fill(kc + d * S + K, kc + (d + 1) * S, 0.0f);
+  }
+  for (int64_t j = 0; j < K; ++j) std::memcpy(vc + j * D, v(j), D * sizeof(float));
+  std::fill(vc + K * D, vc + S * D, 0.0f);
+}
+
+// Work units (batch, kv head, share c of C): a unit writes its kv head's keys and
+// values by column into its own scratch, then runs the row blocks i = c, c + C, ... of
+// every query head of the group (interleaved: under causal skipping later blocks read
+// more keys). No unit waits for another; C > 1 only when there are fewer kv heads
+// than twice the threads, and then each share repeats the (cheap) transposition.
+// kc, vc: the prefill's cache, [B, Hkv, D, S] and [B, Hkv, S, D], or null (no cache).
+// ke, ve [B, V, Hkv, D]: V keys / values before k, v's own K - V (k, v then [B, K - V,
+// Hkv, D]); null with V = 0 when k, v hold all K.
+template <int ND>
+ffi::Error forward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
+                        const float* k, const float* v, const float* bias, float* o,
+                        float* lse, float* kc = nullptr, float* vc = nullptr, int64_t S = 0,
+                        const float* ke = nullptr, const float* ve = nullptr, int64_t V = 0) {
+  const int64_t D = ND * W, st = sh.Hkv * D, G = sh.H / sh.Hkv, own = sh.K - V;
+  const int64_t blocks = (sh.T + R - 1) / R, items = G * blocks;
+  const int64_t want = 2 * (pool.num_threads() + 1), heads = sh.B * sh.Hkv;
+  const int64_t C = std::clamp<int64_t>((want + heads - 1) / heads, 1, items);
+  parallel_for(pool, heads * C, [&](int64_t i) {
+    thread_local std::vector<float> cols, buf;
+    const int64_t c = i % C, bh = i / C, b = bh / sh.Hkv, hk = bh % sh.Hkv;
+    const int64_t e0 = b * V * st + hk * D, o0 = b * own * st + hk * D;
+    const Rows kr{ke ? ke + e0 : nullptr, V, k + o0, st}, vr{ve ? ve + e0 : nullptr, V, v + o0, st};
+    float* kTh = aligned_scratch(cols, 2 * D * Kp);
+    float* vTh = kTh + D * Kp;
+    to_columns(kr, sh.K, D, Kp, kTh);
+    to_columns(vr, sh.K, D, Kp, vTh);
+    if (kc && c == 0) write_cache<ND>(kTh, Kp, vr, sh.K, S, kc + bh * D * S, vc + bh * S * D);
+    for (int64_t it = c; it < items; it += C)
+      forward_block<ND>(sh, Kp, q, kTh, vTh, bias, o, lse, b, hk * G + it / blocks,
+                        (it % blocks) * R, buf);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace

@@ -1,0 +1,78 @@
+// Register-tiled float32 matmul for the layer kernels (visual_kv.cc, decoder_layer.cc).
+//
+// A tile is MR rows x NR columns of the output held in 2 x MR vector registers while
+// the k loop streams a row of A (one broadcast per row) and NR columns of B (two
+// vector loads): 24 FMAs per 2 loads + 12 broadcasts. B is read in place at its row
+// stride (a panel of NR columns), or from weights packed into contiguous [K][NR]
+// panels (pack_panel) when one call reuses them across many row blocks.
+#pragma once
+
+#include "simd.h"
+
+namespace {
+
+constexpr int MR = 12;      // rows of a register tile
+constexpr int NR = 2 * W;   // columns of a register tile (a packed panel's width)
+
+// c[MR, NV * W] (row stride ldc) = (c if `accumulate`) + a[MR, K] (row stride lda) .
+// b[K, NV * W] (row stride ldb).
+template <int NV>
+inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
+                 float* c, int64_t ldc, bool accumulate = false) {
+  vf acc[NV][MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[v][i] = accumulate ? load(c + i * ldc + v * W) : vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * W);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const vf ai = splat(a[i * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[v][i] += ai * bv[v];
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) store(c + i * ldc + v * W, acc[v][i]);
+}
+
+// c[rows, n] = a[rows, K] . b[K, n], b read in place (row stride ldb); rows a multiple
+// of MR, n a multiple of W. Column panels outermost: a panel stays in cache across the
+// row tiles.
+inline void matmul(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb,
+                   int64_t K, int64_t n, float* c, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + NR <= n; j += NR)
+    for (int64_t r = 0; r < rows; r += MR)
+      tile<2>(a + r * lda, lda, b + j, ldb, K, c + r * ldc + j, ldc);
+  for (; j < n; j += W)
+    for (int64_t r = 0; r < rows; r += MR)
+      tile<1>(a + r * lda, lda, b + j, ldb, K, c + r * ldc + j, ldc);
+}
+
+// c[rows, panels * NR] = a[rows, K] . packed b (panels of [K][NR]); rows a multiple of MR.
+// K in slices of KC: a slice of a panel (32 KB) stays in L1 across the row tiles, where
+// a whole panel of a long K (1536 x 128 B) would be streamed from L2 by every tile.
+constexpr int64_t KC = 256;
+inline void matmul_packed(const float* a, int64_t lda, int64_t rows, const float* packed,
+                          int64_t K, int64_t panels, float* c, int64_t ldc) {
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t k0 = 0; k0 < K; k0 += KC)
+      for (int64_t r = 0; r < rows; r += MR)
+        tile<2>(a + r * lda + k0, lda, packed + (p * K + k0) * NR, NR, std::min(KC, K - k0),
+                c + r * ldc + p * NR, ldc, k0 > 0);
+}
+
+// Column panel p of b [K, n] (row stride ldb) into dst[K][NR], zero past column n.
+inline void pack_panel(const float* b, int64_t ldb, int64_t K, int64_t n, int64_t p,
+                       float* dst) {
+  const int64_t j0 = p * NR, nj = std::min<int64_t>(NR, n - j0);
+  for (int64_t k = 0; k < K; ++k) {
+    float* d = dst + k * NR;
+    std::memcpy(d, b + k * ldb + j0, nj * sizeof(float));
+    std::fill(d + nj, d + NR, 0.0f);
+  }
+}
+
+}  // namespace
