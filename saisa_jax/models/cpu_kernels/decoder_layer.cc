@@ -16,7 +16,7 @@
 // each split statically over the cores and waiting on its slowest thread (on this VM
 // the second vCPU wakes late: a [1152, 16] x [16, 128] matmul took 0.04 ms on one core
 // and 0.23 ms on two). Here each phase's work goes in blocks to whichever thread is
-// free, and a row block stays in cache from one step to the next.
+// free, and a row block (up to 48 rows) stays in cache from one step to the next.
 // d, F, H hd and Hkv hd are multiples of 16 (the vector width). The weights are
 // packed into panels first (gemm.h), once per call: read in place, their rows at a
 // stride of a multiple of 2 KB fall into a few L1 sets (a [48, 576] x [576, 1536]
@@ -38,7 +38,6 @@ struct LayerDims {
   int64_t kn() const { return Hkv * hd; }
   // Scratch row widths: the packed weights' column counts, rounded up to NR.
   int64_t dp() const { return round_up(d, NR); }
-  int64_t Fp() const { return round_up(F, NR); }
   int64_t Np() const { return round_up(qn() + 2 * kn(), NR); }
   int64_t Gp() const { return round_up(2 * F, NR); }
 };

@@ -2,9 +2,9 @@
 //
 // A tile is MR rows x NR columns of the output held in 2 x MR vector registers while
 // the k loop streams a row of A (one broadcast per row) and NR columns of B (two
-// vector loads): 24 FMAs per 2 loads + 12 broadcasts. B is read in place at its row
-// stride (a panel of NR columns), or from weights packed into contiguous [K][NR]
-// panels (pack_panel) when one call reuses them across many row blocks.
+// vector loads): 24 FMAs per 2 loads + 12 broadcasts. B comes packed into contiguous
+// [K][NR] panels (pack_panel): read in place, rows of weights at a stride of a multiple
+// of 2 KB fall into a few L1 sets.
 #pragma once
 
 #include "simd.h"
@@ -35,20 +35,6 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) store(c + i * ldc + v * W, acc[v][i]);
-}
-
-// c[rows, n] = a[rows, K] . b[K, n], b read in place (row stride ldb); rows a multiple
-// of MR, n a multiple of W. Column panels outermost: a panel stays in cache across the
-// row tiles.
-inline void matmul(const float* a, int64_t lda, int64_t rows, const float* b, int64_t ldb,
-                   int64_t K, int64_t n, float* c, int64_t ldc) {
-  int64_t j = 0;
-  for (; j + NR <= n; j += NR)
-    for (int64_t r = 0; r < rows; r += MR)
-      tile<2>(a + r * lda, lda, b + j, ldb, K, c + r * ldc + j, ldc);
-  for (; j < n; j += W)
-    for (int64_t r = 0; r < rows; r += MR)
-      tile<1>(a + r * lda, lda, b + j, ldb, K, c + r * ldc + j, ldc);
 }
 
 // c[rows, panels * NR] = a[rows, K] . packed b (panels of [K][NR]); rows a multiple of MR.
