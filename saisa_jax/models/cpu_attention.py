@@ -24,7 +24,7 @@ def attend(q, k, v, bias, causal_from: int | None = None):
   when j > i (attention.py's causal promise); the kernel then reads, for a block of 8
   query rows, only the keys up to causal_from + its last row. None reads every key."""
   ensure_registered()
-  cf = _keys_read(causal_from, k.shape[1])
+  cf = keys_read(causal_from, k.shape[1])
   return _attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                  None if bias is None else bias.astype(jnp.float32), cf).astype(q.dtype)
 
@@ -39,7 +39,7 @@ def attend_prefill(q, k, v, bias, causal_from: int | None, slots: int):
   tk, hkv = k.shape[1], k.shape[2]
   if slots < tk:
     raise ValueError(f"cache_size {slots} < the prompt's {tk} keys")
-  cf = _keys_read(causal_from, tk)
+  cf = keys_read(causal_from, tk)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   out, _, kc, vc = jax.ffi.ffi_call(
       "SaisaAttentionPrefill",
@@ -51,7 +51,7 @@ def attend_prefill(q, k, v, bias, causal_from: int | None, slots: int):
   return out.astype(q.dtype), kc, vc
 
 
-def _keys_read(causal_from: int | None, tk: int) -> int:
+def keys_read(causal_from: int | None, tk: int) -> int:
   """The kernel's causal_from attribute: tk (or more) reads every key."""
   return tk if causal_from is None else min(int(causal_from), tk)
 

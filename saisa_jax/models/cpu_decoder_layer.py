@@ -78,7 +78,7 @@ def reference(x, cos, sin, bias, extra, w: LayerWeights, eps: float):
 def layer(x, cos, sin, bias, extra: Optional[tuple], w: LayerWeights, eps: float,
           causal_from: int, slots: int = 0):
   """See module docstring. causal_from: attention's causal promise as the attention
-  kernel takes it (cpu_attention._keys_read; K or more reads every key); slots 0
+  kernel takes it (cpu_attention.keys_read; K or more reads every key); slots 0
   returns the rows' own keys / values instead of a cache."""
   ensure_registered()
   b, t, d = x.shape

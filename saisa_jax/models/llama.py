@@ -84,14 +84,14 @@ class DecoderLayer(nn.Module):
     """__call__ (not decoding) in one C++ call; see there."""
     from saisa_jax.models import cpu_decoder_layer
     from saisa_jax.models.attention import kernel_causal_from
-    from saisa_jax.models.cpu_attention import _keys_read
+    from saisa_jax.models.cpu_attention import keys_read
     p = nn.meta.unbox(self.variables["params"])
     w = cpu_decoder_layer.LayerWeights(
         p["input_norm"]["scale"], p["q_proj"]["kernel"], p["k_proj"]["kernel"],
         p["v_proj"]["kernel"], p["o_proj"]["kernel"], p["post_norm"]["scale"],
         p["gate_proj"]["kernel"], p["up_proj"]["kernel"], p["down_proj"]["kernel"])
     keys = x.shape[1] + (0 if extra_kv is None else extra_kv[0].shape[1])
-    cf = _keys_read(kernel_causal_from(causal_from, self.cfg.attention_block, bias), keys)
+    cf = keys_read(kernel_causal_from(causal_from, self.cfg.attention_block, bias), keys)
     eps = self.cfg.llm.rms_eps
     if cache_slots is not None:
       out, k, v = cpu_decoder_layer.layer(x, *rope, bias, extra_kv, w, eps, cf, cache_slots)

@@ -14,27 +14,30 @@ namespace {
 constexpr int MR = 12;      // rows of a register tile
 constexpr int NR = 2 * W;   // columns of a register tile (a packed panel's width)
 
-// c[MR, NV * W] (row stride ldc) = (c if `accumulate`) + a[MR, K] (row stride lda) .
-// b[K, NV * W] (row stride ldb).
-template <int NV>
+// c[MR, NR] (row stride ldc) = (c if `accumulate`) + a[MR, K] (row stride lda) .
+// b[K, NR] (row stride ldb).
 inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
                  float* c, int64_t ldc, bool accumulate = false) {
-  vf acc[NV][MR];
+  vf c0[MR], c1[MR];
 #pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[v][i] = accumulate ? load(c + i * ldc + v * W) : vf{};
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = accumulate ? load(c + i * ldc) : vf{};
+    c1[i] = accumulate ? load(c + i * ldc + W) : vf{};
+  }
   for (int64_t k = 0; k < K; ++k) {
-    vf bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * W);
+    const vf b0 = load(b + k * ldb), b1 = load(b + k * ldb + W);
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
       const vf ai = splat(a[i * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[v][i] += ai * bv[v];
+      c0[i] += ai * b0;
+      c1[i] += ai * b1;
     }
   }
 #pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) store(c + i * ldc + v * W, acc[v][i]);
+  for (int i = 0; i < MR; ++i) {
+    store(c + i * ldc, c0[i]);
+    store(c + i * ldc + W, c1[i]);
+  }
 }
 
 // c[rows, panels * NR] = a[rows, K] . packed b (panels of [K][NR]); rows a multiple of MR.
@@ -46,8 +49,8 @@ inline void matmul_packed(const float* a, int64_t lda, int64_t rows, const float
   for (int64_t p = 0; p < panels; ++p)
     for (int64_t k0 = 0; k0 < K; k0 += KC)
       for (int64_t r = 0; r < rows; r += MR)
-        tile<2>(a + r * lda + k0, lda, packed + (p * K + k0) * NR, NR, std::min(KC, K - k0),
-                c + r * ldc + p * NR, ldc, k0 > 0);
+        tile(a + r * lda + k0, lda, packed + (p * K + k0) * NR, NR, std::min(KC, K - k0),
+             c + r * ldc + p * NR, ldc, k0 > 0);
 }
 
 // Column panel p of b [K, n] (row stride ldb) into dst[K][NR], zero past column n.
