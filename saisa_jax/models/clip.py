@@ -20,11 +20,36 @@ class VisionLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention: str = "einsum"   # attention.attend's impl
   flash_block: int = 256
+  serving: bool = False       # the per-layer (serving) layout: see _fused
+
+  def _fused(self) -> bool:
+    """The C++ layer (cpu_clip_layer.py): attention=cpu, float32, the serving layout,
+    outside a mesh, once the parameters exist, at widths it takes. Training keeps XLA's
+    ops, stacked over layers."""
+    from saisa_jax.models import cpu_clip_layer
+    c = self.cfg
+    return (self.serving and self.attention == "cpu" and self.dtype == jnp.float32
+            and not self.is_initializing() and jax.sharding.get_abstract_mesh().empty
+            and cpu_clip_layer.supported(c.hidden_size, c.intermediate_size,
+                                         c.hidden_size // c.num_heads))
+
+  def _cpu_layer(self, x):
+    from saisa_jax.models import cpu_clip_layer
+    p = nn.meta.unbox(self.variables["params"])
+    w = cpu_clip_layer.ClipWeights(
+        p["layer_norm1"]["scale"], p["layer_norm1"]["bias"], p["q_proj"]["kernel"],
+        p["q_proj"]["bias"], p["k_proj"]["kernel"], p["k_proj"]["bias"], p["v_proj"]["kernel"],
+        p["v_proj"]["bias"], p["out_proj"]["kernel"], p["out_proj"]["bias"],
+        p["layer_norm2"]["scale"], p["layer_norm2"]["bias"], p["fc1"]["kernel"],
+        p["fc1"]["bias"], p["fc2"]["kernel"], p["fc2"]["bias"])
+    return cpu_clip_layer.layer(x, w, self.cfg.layer_norm_eps).astype(x.dtype)
 
   @nn.compact
   def __call__(self, x, _):
     c, dt = self.cfg, self.dtype
     hd = c.hidden_size // c.num_heads
+    if self._fused():
+      return self._cpu_layer(x), None
     axes_in = ("vision_embed", "heads", "kv")
     h = LayerNorm(c.layer_norm_eps, dt, name="layer_norm1")(x)
     q = Dense((c.num_heads, hd), axes_in, use_bias=True, dtype=dt, name="q_proj")(h)
@@ -118,7 +143,7 @@ class VisionTower(nn.Module):
     x = LayerNorm(c.layer_norm_eps, self.dtype, name="pre_layernorm")(x)
     if c.layers_used and self.layer_layout == "per_layer":
       for i in range(c.layers_used):
-        x, _ = VisionLayer(c, self.dtype, self.attention, self.flash_block,
+        x, _ = VisionLayer(c, self.dtype, self.attention, self.flash_block, serving=True,
                            name=f"layers_{i}")(x, None)
     elif c.layers_used:
       stack = nn.scan(maybe_remat(VisionLayer, self.remat), variable_axes={"params": 0},

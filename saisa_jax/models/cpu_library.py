@@ -22,10 +22,10 @@ import jax
 import jaxlib
 
 _DIR = os.path.join(os.path.dirname(__file__), "cpu_kernels")
-_SOURCES = ("attention.cc", "decoder_layer.cc", "patch_embed.cc", "visual_kv.cc")
+_SOURCES = ("attention.cc", "clip_layer.cc", "decoder_layer.cc", "patch_embed.cc", "visual_kv.cc")
 _HEADERS = ("simd.h", "attention_fwd.h", "gemm.h", "rows.h")
 _TARGETS = ("SaisaAttentionForward", "SaisaAttentionBackward", "SaisaAttentionPrefill",
-            "SaisaPatchEmbed", "SaisaVisualKV", "SaisaDecoderLayer")
+            "SaisaPatchEmbed", "SaisaVisualKV", "SaisaDecoderLayer", "SaisaClipLayer")
 _LOCK = threading.Lock()
 _LIB: list = []  # the loaded library, once registered
 

@@ -206,18 +206,48 @@ struct Rows {
   }
 };
 
+// One stage of transpose16: rows i and j = i | B (bit B of i clear) trade the lanes that
+// differ in bit B, which swaps bit B of the row index with bit B of the lane index.
+#define SAISA_LANE_I(l) (((l) & B) ? 16 + (l) - B : (l))
+#define SAISA_LANE_J(l) (((l) & B) ? 16 + (l) : (l) + B)
+#define SAISA_LANES(F) F(0), F(1), F(2), F(3), F(4), F(5), F(6), F(7), F(8), F(9), F(10), \
+                       F(11), F(12), F(13), F(14), F(15)
+template <int B>
+inline void transpose_stage(vf* r) {
+  for (int i = 0; i < W; ++i) {
+    if (i & B) continue;
+    const vf a = r[i], b = r[i | B];
+    r[i] = __builtin_shufflevector(a, b, SAISA_LANES(SAISA_LANE_I));
+    r[i | B] = __builtin_shufflevector(a, b, SAISA_LANES(SAISA_LANE_J));
+  }
+}
+#undef SAISA_LANES
+#undef SAISA_LANE_J
+#undef SAISA_LANE_I
+
+// r[i][l] <- r[l][i]: a 16 x 16 tile transposed in registers, 64 shuffles (the
+// element-by-element copy it replaced took ~1.7 ns a float: 0.55 ms of a tiny saisa
+// layer's 0.9 ms of attention went to laying out keys and values).
+inline void transpose16(vf* r) {
+  static_assert(W == 16, "transpose16 assumes 16 floats a vector");
+  transpose_stage<1>(r);
+  transpose_stage<2>(r);
+  transpose_stage<4>(r);
+  transpose_stage<8>(r);
+}
+
 // xT[d][j] = row j of x at d for j < K, 0 for K <= j < Kp (d < D): one kv head of
-// [B, K, Hkv, D] to [D, Kp], in tiles of 16 keys x 16 head dims that stay in L1.
+// [B, K, Hkv, D] to [D, Kp], in tiles of 16 keys x 16 head dims transposed in registers.
 void to_columns(const Rows& x, int64_t K, int64_t D, int64_t Kp, float* xT) {
   for (int64_t j0 = 0; j0 < Kp; j0 += W) {
     const int64_t n = std::max<int64_t>(0, std::min<int64_t>(W, K - j0));
+    const float* rows[W];
+    for (int64_t i = 0; i < n; ++i) rows[i] = x(j0 + i);
     for (int64_t d0 = 0; d0 < D; d0 += W) {
-      float tile[W][W];
-      for (int64_t i = 0; i < W; ++i) {
-        const float* row = i < n ? x(j0 + i) + d0 : nullptr;
-        for (int d = 0; d < W; ++d) tile[d][i] = row ? row[d] : 0.0f;
-      }
-      for (int d = 0; d < W; ++d) std::memcpy(xT + (d0 + d) * Kp + j0, tile[d], sizeof(tile[d]));
+      vf tile[W];
+      for (int64_t i = 0; i < W; ++i) tile[i] = i < n ? load(rows[i] + d0) : vf{};
+      transpose16(tile);
+      for (int d = 0; d < W; ++d) store(xT + (d0 + d) * Kp + j0, tile[d]);
     }
   }
 }

@@ -26,9 +26,6 @@
 #include "gemm.h"
 #include "rows.h"
 
-#include <initializer_list>
-#include <utility>
-
 namespace {
 
 struct LayerDims {
@@ -41,36 +38,6 @@ struct LayerDims {
   int64_t Np() const { return round_up(qn() + 2 * kn(), NR); }
   int64_t Gp() const { return round_up(2 * F, NR); }
 };
-
-// Column panel p of the matrix [b_0 | b_1 | ...] (K rows; b_i [K, n_i]) into dst[K][NR],
-// zero past the last column; a panel may straddle two of them.
-void pack_concat(std::initializer_list<std::pair<const float*, int64_t>> parts, int64_t K,
-                 int64_t p, float* dst) {
-  for (int64_t k = 0; k < K; ++k) {
-    float* row = dst + k * NR;
-    int64_t at = 0, c0 = p * NR, filled = 0;
-    for (auto [b, n] : parts) {
-      const int64_t lo = std::max<int64_t>(c0 + filled, at), hi = std::min(c0 + NR, at + n);
-      if (hi > lo) {
-        std::memcpy(row + filled, b + k * n + lo - at, (hi - lo) * sizeof(float));
-        filled += hi - lo;
-      }
-      at += n;
-    }
-    std::fill(row + filled, row + NR, 0.0f);
-  }
-}
-
-// `rows` rows of src [., n] (row stride ld) from row r0 into dst [rp, n], zero past rows.
-inline float* padded_rows(std::vector<float>& buf, const float* src, int64_t ld, int64_t r0,
-                          int64_t rows, int64_t n) {
-  const int64_t rp = round_up(rows, MR);
-  float* dst = aligned_scratch(buf, rp * n);
-  for (int64_t i = 0; i < rows; ++i)
-    std::memcpy(dst + i * n, src + (r0 + i) * ld, n * sizeof(float));
-  std::fill(dst + rows * n, dst + rp * n, 0.0f);
-  return dst;
-}
 
 // The weights packed into panels of NR columns (gemm.h): [wq | wk | wv] as one [d,
 // (H + 2 Hkv) hd] matrix, wo, [wg | wu] as one [d, 2F] matrix, wd; the norms' scales
@@ -125,15 +92,6 @@ void ffn_block(const LayerDims& s, const Packed& w, int64_t r0, int64_t rows, co
     float* oi = out + (r0 + i) * s.d;
     for (int64_t j = 0; j < s.d; ++j) oi[j] = yi[j] + hi[j];
   }
-}
-
-// Rows per block: up to 4 register tiles (a weight panel is reused by 4 tiles while in
-// cache), fewer when that leaves under 4 blocks a thread. Every block reads all the
-// layer's weights: the Python side uses this kernel where they fit in L2 or the blocks
-// are full (cpu_decoder_layer.worth_it).
-int64_t block_rows(int64_t n, ffi::ThreadPool& pool) {
-  const int64_t threads = pool.num_threads() + 1;
-  return std::clamp<int64_t>(n / (4 * threads) / MR * MR, MR, 4 * MR);
 }
 
 // The call's scratch lives in the calling thread's buffers, reused by its next call:

@@ -1,5 +1,5 @@
-// Row-wise pieces of the layer kernels (visual_kv.cc, decoder_layer.cc): RMSNorm, RoPE
-// and the activations, on one row of floats at a time.
+// Row-wise pieces of the layer kernels (visual_kv.cc, decoder_layer.cc, clip_layer.cc):
+// RMSNorm, LayerNorm, RoPE and the activations, on one row of floats at a time.
 #pragma once
 
 #include <cmath>
@@ -78,6 +78,33 @@ inline void silu_mul(float* g, const float* u, int64_t n) {
     const vf e = vexp(x < 0.0f ? x : -x);
     const vf sig = (x < 0.0f ? e : splat(1.0f)) / (1.0f + e);
     store(g + j, x * sig * load(u + j));
+  }
+}
+
+// h[j] = (h[j] - mean) * rsqrt(var + eps) * g[j] + c[j], j < n (CLIP's LayerNorm, as
+// layers.LayerNorm: the biased variance of the centred row, a second pass for
+// precision), n a multiple of W.
+inline void layer_norm(float* h, const float* g, const float* c, int64_t n, float eps) {
+  vf s{};
+  for (int64_t j = 0; j < n; j += W) s += load(h + j);
+  const float mean = hsum(s) / n;
+  vf sq{};
+  for (int64_t j = 0; j < n; j += W) {
+    const vf v = load(h + j) - mean;
+    sq += v * v;
+  }
+  const float inv = 1.0f / std::sqrt(hsum(sq) / n + eps);
+  for (int64_t j = 0; j < n; j += W)
+    store(h + j, (load(h + j) - mean) * inv * load(g + j) + load(c + j));
+}
+
+// h[j] = quick_gelu(h[j] + b[j]) = v sigmoid(1.702 v), j < n, n a multiple of W (CLIP's
+// activation); the sigmoid as in silu_mul, from e = exp(-|1.702 v|) <= 1.
+inline void bias_quick_gelu(float* h, const float* b, int64_t n) {
+  for (int64_t j = 0; j < n; j += W) {
+    const vf v = load(h + j) + load(b + j), z = 1.702f * v;
+    const vf e = vexp(z < 0.0f ? z : -z);
+    store(h + j, v * (z < 0.0f ? e : splat(1.0f)) / (1.0f + e));
   }
 }
 
