@@ -114,19 +114,11 @@ def test_served_tower_equals_hf_clip():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   import torch_oracles as oracles
-  from test_parity_hf import _llm_rules, _zero_llm
-  from saisa_jax.convert import layout
-  from saisa_jax.models.config import ModelConfig
+  from test_parity_hf import hf_clip
   from saisa_jax.models.layer_layout import to_per_layer
-  hf_cfg = transformers.CLIPVisionConfig(
+  hf, vcfg, params = hf_clip(transformers.CLIPVisionConfig(
       hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-      image_size=32, patch_size=8, layer_norm_eps=1e-5, attn_implementation="eager")
-  hf = transformers.CLIPVisionModel(hf_cfg).eval()
-  oracles.randomize_(hf, seed=1)
-  vcfg = oracles.our_vision(hf_cfg, select_layer=-2)
-  cfg = ModelConfig(oracles.our_llama(oracles.llama_hf_config()), vcfg)
-  params = oracles.params_from_state_dict(
-      cfg, {**hf.state_dict(), **_zero_llm(cfg)}, layout.clip_rules() + _llm_rules(cfg))
+      image_size=32, patch_size=8, layer_norm_eps=1e-5, attn_implementation="eager"))
   vision = to_per_layer({"vision": jax.tree.map(jnp.asarray, params["vision"])})["vision"]
   images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():

@@ -54,14 +54,20 @@ def test_text_logits_equal_hf_llama(kv_heads, tie, llama3):
   assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
 
 
-def test_vision_features_equal_hf_clip():
-  hf_cfg = oracles.clip_hf_config(layers=3)
+def hf_clip(hf_cfg):
+  """A random-weight HF CLIPVisionModel -> (it, our VisionConfig reading layer -2, our
+  full params converted from it, the LLM's zeroed)."""
   hf = transformers.CLIPVisionModel(hf_cfg).eval()
   oracles.randomize_(hf, seed=1)
   vcfg = oracles.our_vision(hf_cfg, select_layer=-2)
   cfg = ModelConfig(oracles.our_llama(oracles.llama_hf_config()), vcfg)
   params = oracles.params_from_state_dict(
       cfg, {**hf.state_dict(), **_zero_llm(cfg)}, layout.clip_rules() + _llm_rules(cfg))
+  return hf, vcfg, params
+
+
+def test_vision_features_equal_hf_clip():
+  hf, vcfg, params = hf_clip(oracles.clip_hf_config(layers=3))
   images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     out = hf(oracles.pixels_nchw(images), output_hidden_states=True)

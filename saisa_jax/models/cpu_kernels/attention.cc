@@ -172,15 +172,7 @@ ffi::Error check_shape(ffi::Buffer<ffi::F32> q, int64_t B, int64_t Hkv, int64_t 
   return ffi::Error::Success();
 }
 
-#define DISPATCH(ND_VAR, CALL)                      \
-  switch (ND_VAR) {                                 \
-    case 1: { constexpr int ND = 1; return CALL; }  \
-    case 2: { constexpr int ND = 2; return CALL; }  \
-    case 4: { constexpr int ND = 4; return CALL; }  \
-    case 8: { constexpr int ND = 8; return CALL; }  \
-    case 16: { constexpr int ND = 16; return CALL; } \
-    default: return ffi::Error::InvalidArgument("cpu attention: head dim 16/32/64/128/256"); \
-  }
+#define DISPATCH(ND_VAR, CALL) SAISA_BY_HEAD_DIM(ND_VAR, CALL, "cpu attention")
 
 // q [B, T, H, D], k, v [B, K, Hkv, D] -> o [B, T, H, D], lse [B, H, T], and when kc
 // is not null the prefill's cache kc [B, Hkv, D, S], vc [B, Hkv, S, D] (S = slots >= K;

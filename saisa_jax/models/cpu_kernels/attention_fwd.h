@@ -7,6 +7,18 @@
 
 #include "simd.h"
 
+// Runs CALL with `constexpr int ND` = ND_VAR (head dim / W: 1, 2, 4, 8 or 16) in scope,
+// returning its ffi::Error; another head dim is an InvalidArgument naming KERNEL.
+#define SAISA_BY_HEAD_DIM(ND_VAR, CALL, KERNEL)                                         \
+  switch (ND_VAR) {                                                                     \
+    case 1: { constexpr int ND = 1; return CALL; }                                      \
+    case 2: { constexpr int ND = 2; return CALL; }                                      \
+    case 4: { constexpr int ND = 4; return CALL; }                                      \
+    case 8: { constexpr int ND = 8; return CALL; }                                      \
+    case 16: { constexpr int ND = 16; return CALL; }                                    \
+    default: return ffi::Error::InvalidArgument(KERNEL ": head dim 16/32/64/128/256"); \
+  }
+
 namespace {
 
 constexpr int R = 8;   // query rows per block

@@ -168,15 +168,7 @@ ffi::Error ClipLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
                       w1.typed_data(), b1.typed_data(), w2.typed_data(), b2.typed_data()};
   const float* xs = x.typed_data();
   float* o = out->typed_data();
-  switch (s.hd / W) {
-    case 1: return clip_impl<1>(s, w, pool, xs, eps, o);
-    case 2: return clip_impl<2>(s, w, pool, xs, eps, o);
-    case 4: return clip_impl<4>(s, w, pool, xs, eps, o);
-    case 8: return clip_impl<8>(s, w, pool, xs, eps, o);
-    case 16: return clip_impl<16>(s, w, pool, xs, eps, o);
-    default:
-      return ffi::Error::InvalidArgument("cpu clip_layer: head dim 16/32/64/128/256");
-  }
+  SAISA_BY_HEAD_DIM(s.hd / W, clip_impl<ND>(s, w, pool, xs, eps, o), "cpu clip_layer");
 }
 
 }  // namespace

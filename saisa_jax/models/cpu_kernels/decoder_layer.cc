@@ -192,15 +192,7 @@ ffi::Error Layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
       has_extra ? ve.typed_data() : nullptr, eps, out->typed_data(),                        \
       cache ? k_out->typed_data() : nullptr, cache ? v_out->typed_data() : nullptr, slots, \
       cache ? nullptr : k_out->typed_data(), cache ? nullptr : v_out->typed_data()
-  switch (s.hd / W) {
-    case 1: return layer_impl<1>(LAYER_ARGS);
-    case 2: return layer_impl<2>(LAYER_ARGS);
-    case 4: return layer_impl<4>(LAYER_ARGS);
-    case 8: return layer_impl<8>(LAYER_ARGS);
-    case 16: return layer_impl<16>(LAYER_ARGS);
-    default:
-      return ffi::Error::InvalidArgument("cpu decoder_layer: head dim 16/32/64/128/256");
-  }
+  SAISA_BY_HEAD_DIM(s.hd / W, layer_impl<ND>(LAYER_ARGS), "cpu decoder_layer");
 #undef LAYER_ARGS
 }
 
