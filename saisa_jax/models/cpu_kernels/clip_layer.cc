@@ -90,7 +90,7 @@ template <int ND>
 ffi::Error clip_impl(const ClipDims& s, const float* const* wts, ffi::ThreadPool& pool,
                      const float* x, float eps, float* out) {
   thread_local std::vector<float> bw, bq, bk, bv, bo, bl;
-  const int64_t N = s.N(), mb = block_rows(N, pool), blocks = (N + mb - 1) / mb;
+  const int64_t N = s.N();
   const int64_t d = s.d, F = s.F, qn = s.qn();
   const int64_t nqkv = s.Np() / NR, nd = s.dp() / NR, nf = s.Fp() / NR;
   float* pw = aligned_scratch(bw, (nqkv * d + nd * qn + nf * d + nd * F) * NR + s.Np());
@@ -113,9 +113,8 @@ ffi::Error clip_impl(const ClipDims& s, const float* const* wts, ffi::ThreadPool
   float* q = aligned_scratch(bq, N * qn);
   float* k = aligned_scratch(bk, N * qn);
   float* v = aligned_scratch(bv, N * qn);
-  parallel_for(pool, blocks, [&](int64_t u) {
-    const int64_t r0 = u * mb;
-    qkv_rows(s, w, r0, std::min(mb, N - r0), x, eps, q, k, v);
+  for_row_blocks(pool, N, [&](int64_t r0, int64_t rows) {
+    qkv_rows(s, w, r0, rows, x, eps, q, k, v);
   });
   float* attn = aligned_scratch(bo, N * qn);
   float* lse = aligned_scratch(bl, s.B * s.H * s.T);
@@ -124,9 +123,8 @@ ffi::Error clip_impl(const ClipDims& s, const float* const* wts, ffi::ThreadPool
   if (auto e = forward_impl<ND>(sh, round_up(s.T, W), pool, q, k, v, nullptr, attn, lse);
       e.failure())
     return e;
-  parallel_for(pool, blocks, [&](int64_t u) {
-    const int64_t r0 = u * mb;
-    mlp_rows(s, w, r0, std::min(mb, N - r0), x, attn, eps, out);
+  for_row_blocks(pool, N, [&](int64_t r0, int64_t rows) {
+    mlp_rows(s, w, r0, rows, x, attn, eps, out);
   });
   return ffi::Error::Success();
 }

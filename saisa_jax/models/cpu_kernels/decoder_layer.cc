@@ -103,7 +103,7 @@ ffi::Error layer_impl(const LayerDims& s, const float* const* wts, ffi::ThreadPo
                       float eps, float* out, float* kc, float* vc, int64_t S, float* k_own,
                       float* v_own) {
   thread_local std::vector<float> bw, bq, bk, bv, bo, bl;
-  const int64_t N = s.N(), mb = block_rows(N, pool), blocks = (N + mb - 1) / mb;
+  const int64_t N = s.N();
   const int64_t d = s.d, F = s.F, qn = s.qn(), kn = s.kn();
   const int64_t nqkv = s.Np() / NR, nd = s.dp() / NR, ngu = s.Gp() / NR;
   // Pack the weights: wts = g1, wq, wk, wv, wo, g2, wg, wu, wd.
@@ -123,9 +123,8 @@ ffi::Error layer_impl(const LayerDims& s, const float* const* wts, ffi::ThreadPo
   float* q = aligned_scratch(bq, N * qn);
   float* k = k_own ? k_own : aligned_scratch(bk, N * kn);
   float* v = v_own ? v_own : aligned_scratch(bv, N * kn);
-  parallel_for(pool, blocks, [&](int64_t u) {
-    const int64_t r0 = u * mb;
-    qkv_block(s, w, r0, std::min(mb, N - r0), x, cs, sn, eps, q, k, v);
+  for_row_blocks(pool, N, [&](int64_t r0, int64_t rows) {
+    qkv_block(s, w, r0, rows, x, cs, sn, eps, q, k, v);
   });
   float* attn = aligned_scratch(bo, N * qn);
   float* lse = aligned_scratch(bl, s.B * s.H * s.T);
@@ -134,9 +133,8 @@ ffi::Error layer_impl(const LayerDims& s, const float* const* wts, ffi::ThreadPo
                                 S, ke, ve, s.V);
       e.failure())
     return e;
-  parallel_for(pool, blocks, [&](int64_t u) {
-    const int64_t r0 = u * mb;
-    ffn_block(s, w, r0, std::min(mb, N - r0), x, attn, eps, out);
+  for_row_blocks(pool, N, [&](int64_t r0, int64_t rows) {
+    ffn_block(s, w, r0, rows, x, attn, eps, out);
   });
   return ffi::Error::Success();
 }

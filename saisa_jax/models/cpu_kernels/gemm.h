@@ -124,4 +124,15 @@ inline int64_t block_rows(int64_t n, ffi::ThreadPool& pool) {
   return std::clamp<int64_t>(n / (4 * threads) / MR * MR, MR, 4 * MR);
 }
 
+// body(r0, rows) for the row blocks [r0, r0 + rows) of n rows (block_rows each), each
+// block on whichever thread is free.
+template <typename F>
+void for_row_blocks(ffi::ThreadPool& pool, int64_t n, F&& body) {
+  const int64_t mb = block_rows(n, pool);
+  parallel_for(pool, (n + mb - 1) / mb, [&](int64_t u) {
+    const int64_t r0 = u * mb;
+    body(r0, std::min(mb, n - r0));
+  });
+}
+
 }  // namespace

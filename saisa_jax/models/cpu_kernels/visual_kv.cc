@@ -26,7 +26,7 @@ struct Dims {
   int64_t Dp, E2p;  // D and 2E rounded up to NR (the scratch rows' width)
 };
 
-// One block of `rows` (<= mb) rows starting at r0.
+// One block of `rows` rows (gemm.h block_rows: <= 48) starting at r0.
 void block(const Dims& d, int64_t r0, int64_t rows, const float* x, const float* p1,
            const float* b1, const float* p2, const float* b2, const float* g,
            const float* p3, const float* cs, const float* sn, float eps, float* k_out,
@@ -118,13 +118,7 @@ ffi::Error VisualKV(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     }
   });
 
-  // Blocks of up to 48 rows (4 register tiles share each panel while it is in cache),
-  // fewer when that leaves under 4 blocks a thread.
-  const int64_t threads = pool.num_threads() + 1;
-  const int64_t mb = std::clamp<int64_t>(d.N / (4 * threads) / MR * MR, MR, 4 * MR);
-  const int64_t blocks = (d.N + mb - 1) / mb;
-  parallel_for(pool, blocks, [&](int64_t u) {
-    const int64_t r0 = u * mb, rows = std::min(mb, d.N - r0);
+  for_row_blocks(pool, d.N, [&](int64_t r0, int64_t rows) {
     block(d, r0, rows, x.typed_data(), p1, b1.typed_data(), p2, b2.typed_data(),
           g.typed_data(), p3, cos.typed_data(), sin.typed_data(), eps,
           k_out->typed_data(), v_out->typed_data());
