@@ -111,6 +111,61 @@ def test_causal_skipping_with_a_visible_prefix_equals_the_textbook(prefix, tq):
          lambda q, k, v: textbook(q, k, v, mask), q, k, v, cot)
 
 
+def _position_mask(b, tq, tk, alignment, seed):
+  """masks.attention_mask's arguments at random: keys in random position order, some
+  invalid, some visual; the queries are the first tq keys (saisa: text queries). -> (PositionMask, its bool[B, Q, K] array)."""
+  from saisa_jax.models.masks import attention_mask, position_mask
+  rng = np.random.default_rng(seed)
+  k_pos = np.stack([rng.permutation(tk) for _ in range(b)]).astype(np.int32)
+  k_visual = rng.random((b, tk)) < 0.5
+  k_valid = rng.random((b, tk)) < 0.85
+  k_valid[:, :tq] = True  # each query sees itself (a row with no key: the textbook's NaN)
+  q_pos, q_visual = k_pos[:, :tq], k_visual[:, :tq]
+  if alignment == "saisa":
+    q_visual = np.zeros_like(q_visual)
+  args = [jnp.asarray(a) for a in (q_pos, q_visual, k_pos, k_visual, k_valid)]
+  return position_mask(*args, alignment), attention_mask(*args, alignment)
+
+
+# 150 keys: the forward's tiles of 4 key vectors (64 keys), then single vectors.
+@pytest.mark.parametrize("alignment,tq,tk,heads", [("llava", 37, 37, (4, 2)),
+                                                   ("naavit", 40, 150, (2, 1)),
+                                                   ("saisa", 21, 90, (3, 3))])
+def test_position_mask_equals_the_textbook(alignment, tq, tk, heads):
+  """The kernels take the mask as per-token positions (masks.PositionMask, what the
+  model passes): forward and gradients equal the textbook under the same mask as a
+  [B, Q, K] array, and the forward equals the kernel under its bias, bit for bit."""
+  q, k, v, _, cot = _inputs(tq=tq, tk=tk, h=heads[0], hkv=heads[1], d=32, seed=5)
+  pm, mask = _position_mask(2, tq, tk, alignment, seed=6)
+  _check(lambda q, k, v: attend(q, k, v, pm, "cpu"),
+         lambda q, k, v: textbook(q, k, v, mask), q, k, v, cot)
+  np.testing.assert_array_equal(np.asarray(attend(q, k, v, pm, "cpu")),
+                                np.asarray(attend(q, k, v, mask_bias(mask), "cpu")))
+
+
+def test_position_mask_with_causal_skipping_equals_the_bias():
+  """Rows sorted by position with padding last (as the model lays them out): with
+  causal skipping on, the position mask gives the bias' output and gradients."""
+  from saisa_jax.models.masks import attention_mask, position_mask
+  tq = 45
+  q, k, v, _, cot = _inputs(tq=tq, tk=tq, seed=7)
+  pos = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (2, tq))
+  valid = jnp.arange(tq)[None] < jnp.asarray([[tq], [30]])
+  visual = (jnp.arange(tq)[None] % 3 == 0).repeat(2, 0)
+  args = (pos, visual, pos, visual, valid, "naavit")
+  cot = cot * valid[:, :, None, None]
+  f = lambda m: lambda q, k, v: attend(q, k, v, m, "cpu", causal_from=0, block=128)
+  _check(f(position_mask(*args)), f(mask_bias(attention_mask(*args))), q, k, v, cot)
+
+
+def test_position_mask_of_the_wrong_size_is_a_clear_error():
+  from saisa_jax.models.masks import PositionMask
+  q, k, v, _, _ = _inputs(tq=8, tk=12)
+  bad = PositionMask(jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 11), jnp.int32))
+  with pytest.raises(Exception, match=r"position mask must be int32 \[B, Q \+ K\]"):
+    jax.block_until_ready(attend(q, k, v, bad, "cpu"))
+
+
 def test_padding_row_is_finite_and_bf16_inputs_come_back_bf16():
   q, k, v, mask, _ = _inputs()
   mask = mask.at[0, 3].set(False)
@@ -206,13 +261,24 @@ assert "manual" in text, "no shard_map in the lowered program"
 assert got.sharding.spec[0] == ("data", "fsdp") and got.sharding.spec[2] == "tensor", got.sharding
 t._close(got, want, "sharded")
 t._close(dq, jax.grad(lambda q: jnp.sum(attend(q, k, v, bias, "cpu") * cot))(q), "sharded dq")
+pm, pm_mask = t._position_mask(4, 24, 30, "naavit", seed=1)
+want = attend(q, k, v, mask_bias(pm_mask), "cpu")
+with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.DEFAULT_RULES):
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  pm = type(pm)(jax.device_put(pm.q_info, rows), jax.device_put(pm.k_info, rows), pm.naavit)
+  args = [jax.device_put(x, rows) for x in (q, k, v)]
+  fp = jax.jit(lambda q, k, v, qi, ki: attend(q, k, v, type(pm)(qi, ki, True), "cpu"))
+  assert "manual" in fp.lower(*args, pm.q_info, pm.k_info).as_text()
+  got = fp(*args, pm.q_info, pm.k_info)
+t._close(got, want, "sharded, position mask")
 print("ok")
 """
 
 
 def test_cpu_kernel_under_a_mesh_is_a_shard_map_with_the_same_result():
   """8 host devices, data 2 x fsdp 2 x tensor 2: the custom call runs per shard (batch
-  over data/fsdp, heads over tensor) and gives the unsharded result and gradient."""
+  over data/fsdp, heads over tensor) and gives the unsharded result and gradient, under
+  a bias and under a position mask."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=os.path.dirname(__file__))
   out = subprocess.run([sys.executable, "-c", MESH_CHECK], env=env, capture_output=True,

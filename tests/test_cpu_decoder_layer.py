@@ -20,14 +20,16 @@ except RuntimeError as e:  # no C++ compiler on this machine: the kernel cannot 
   pytest.skip(str(e), allow_module_level=True)
 
 from saisa_jax.models import cpu_decoder_layer as L
+from saisa_jax.models.masks import position_mask
 from saisa_jax.models.rope import inverse_frequencies, rope_tables
 
 EPS = 1e-5
 
 
 def _inputs(b, t, v, d, heads, kv_heads, hd, f, bias=True, seed=0):
-  """x, cos, sin, bias (text rows see every extra key and the rows up to their own;
-  batch row 1 hides its first 3 extra keys), extra, weights; K = v + t."""
+  """x, cos, sin, mask (text rows see every extra key and the rows up to their own;
+  batch row 1 hides its first 3 extra keys: a bias, or with bias="position" the same
+  as a masks.PositionMask; none when false), extra, weights; K = v + t."""
   rng = np.random.default_rng(seed)
   n = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
   x = n(b, t, d)
@@ -38,6 +40,13 @@ def _inputs(b, t, v, d, heads, kv_heads, hd, f, bias=True, seed=0):
   m = jnp.where(mask, 0.0, -1e30)[None].repeat(b, 0)
   if v >= 4 and b > 1:
     m = m.at[1, :, :3].set(-1e30)
+  if bias == "position":
+    k_pos = jnp.broadcast_to(keys.astype(jnp.int32), (b, v + t))
+    k_valid = jnp.ones((b, v + t), bool)
+    if v >= 4 and b > 1:
+      k_valid = k_valid.at[1, :3].set(False)
+    m = position_mask(positions, jnp.zeros((b, t), bool), k_pos, keys[None] < v, k_valid,
+                      "saisa")
   extra = (n(b, v, kv_heads, hd), n(b, v, kv_heads, hd)) if v else None
   w = L.LayerWeights(1 + n(d, scale=0.1), n(d, heads, hd, scale=d ** -0.5),
                      n(d, kv_heads, hd, scale=d ** -0.5), n(d, kv_heads, hd, scale=d ** -0.5),
@@ -56,29 +65,32 @@ SHAPES = [(2, 64, 576, 128, 4, 4, 32, 352), (1, 40, 30, 576, 9, 3, 64, 1536),
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("bias", [True, "position", False])
 def test_forward_and_cache_equal_xla(shape, bias):
   x, cos, sin, m, extra, w = _inputs(*shape, bias=bias)
   t, v = shape[1], shape[2]
   keys, slots = t + v, t + v + 5
   want_x, want_k, want_v = L.reference(x, cos, sin, m, extra, w, EPS)
-  cf = v if bias else keys  # the causal promise holds only under the bias
-  got_x, kc, vc = jax.jit(lambda *a: L.layer(*a, w, EPS, cf, slots))(x, cos, sin, m, extra)
+  cf = v if bias else keys  # the causal promise holds only under a mask
+  # m closed over: a PositionMask's naavit flag is static
+  got_x, kc, vc = jax.jit(lambda x, c, s, e: L.layer(x, c, s, m, e, w, EPS, cf, slots))(
+      x, cos, sin, extra)
   _close(got_x, want_x, "x'")
   pad = slots - keys
   _close(kc, jnp.pad(want_k.transpose(0, 2, 3, 1), ((0, 0),) * 3 + ((0, pad),)), "k cache")
   _close(vc, jnp.pad(want_v.transpose(0, 2, 1, 3), ((0, 0),) * 2 + ((0, pad), (0, 0))),
          "v cache")
   assert not np.any(np.asarray(kc[..., keys:])) and not np.any(np.asarray(vc[:, :, keys:]))
-  own = jax.jit(lambda *a: L.layer(*a, w, EPS, cf))(x, cos, sin, m, extra)
+  own = jax.jit(lambda x, c, s, e: L.layer(x, c, s, m, e, w, EPS, cf))(x, cos, sin, extra)
   _close(own[0], want_x, "x' (no cache)")
   _close(own[1], want_k[:, v:], "own k")
   _close(own[2], want_v[:, v:], "own v")
 
 
 @pytest.mark.parametrize("shape", SHAPES[2:4])
-def test_gradients_equal_xla(shape):
-  x, cos, sin, m, extra, w = _inputs(*shape)
+@pytest.mark.parametrize("bias", [True, "position"])
+def test_gradients_equal_xla(shape, bias):
+  x, cos, sin, m, extra, w = _inputs(*shape, bias=bias)
   keys = shape[1] + shape[2]
   rng = np.random.default_rng(1)
   cot = [jnp.asarray(rng.normal(size=s), jnp.float32)

@@ -3,7 +3,8 @@
 The mask reaches attention as a float32 bias (0 visible, -1e30 hidden) computed once
 per forward from sequence positions (masks.py) and shared by every layer: adding it
 fuses into the softmax, where a boolean select over the broadcast head axes ran ~2x
-slower on XLA:CPU. The default implementation works head-major ([B, Hkv, G*Q, D]) so
+slower on XLA:CPU. The kernels (impl "cpu", "flash") take it as a
+masks.PositionMask instead and mask by position themselves. The default implementation works head-major ([B, Hkv, G*Q, D]) so
 both products are plain batched matmuls, and has a hand-written backward (the
 softmax VJP from the saved probabilities), 1.4-3x faster than autodiff on CPU.
 Unblocked attention is the one-block case of the blocked computation below.
@@ -22,6 +23,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from saisa_jax.models import masks
 from saisa_jax.models.config import ATTENTION_IMPLS
 from saisa_jax.models.layers import fit_spec
 
@@ -34,8 +36,15 @@ def mask_bias(mask):
 
 
 def is_flash(impl: str) -> bool:
-  """Does `impl` take the mask as flash_tpu.PositionMask (not as a bias)?"""
+  """Is `impl` the Pallas TPU kernel (flash_tpu.py)?"""
   return impl in ("flash", "flash_interpret")
+
+
+def takes_position_mask(impl: str) -> bool:
+  """Does the model give `impl` the mask as a masks.PositionMask (per-token positions,
+  no [Q, K] array) rather than a float bias? The flash and cpu kernels mask by
+  position themselves."""
+  return is_flash(impl) or impl == "cpu"
 
 
 def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
@@ -61,11 +70,12 @@ def attend(q, k, v, bias, impl: str = "einsum", causal_from: int | None = None,
   """
   if is_flash(impl):
     return _flash_sharded(q, k, v, bias, flash_block, impl == "flash_interpret")
+  if impl == "cpu":  # a float bias or a PositionMask
+    return _cpu_sharded(q, k, v, bias, kernel_causal_from(causal_from, block, bias))
   if bias is not None and not hasattr(bias, "dtype"):
     raise TypeError(f"attention {impl!r} takes the mask as a float bias, got "
-                    f"{type(bias).__name__} (a PositionMask is for model.attention=flash)")
-  if impl == "cpu":
-    return _cpu_sharded(q, k, v, bias, kernel_causal_from(causal_from, block, bias))
+                    f"{type(bias).__name__} (a PositionMask is for model.attention=flash "
+                    f"or cpu)")
   if impl in ("dot_product", "cudnn"):
     return _dot_product(q, k, v, bias, impl, even=impl == "cudnn")
   if impl != "einsum":
@@ -144,6 +154,13 @@ def _cpu_sharded(q, k, v, bias, causal_from):
     return jax.shard_map(lambda q, k, v: cpu_attention.attend(q, k, v, None, causal_from),
                          mesh=mesh, in_specs=(qkv, qkv, qkv), out_specs=qkv,
                          check_vma=False)(q, k, v)
+  if isinstance(bias, masks.PositionMask):
+    naavit, info = bias.naavit, jax.sharding.PartitionSpec(qkv[0], None)
+
+    def local(q, k, v, qi, ki):
+      return cpu_attention.attend(q, k, v, masks.PositionMask(qi, ki, naavit), causal_from)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, info, info),
+                         out_specs=qkv, check_vma=False)(q, k, v, bias.q_info, bias.k_info)
   return jax.shard_map(lambda q, k, v, b: cpu_attention.attend(q, k, v, b, causal_from),
                        mesh=mesh, in_specs=(qkv, qkv, qkv, rows), out_specs=qkv,
                        check_vma=False)(q, k, v, bias)

@@ -1,9 +1,12 @@
 """attention=cpu: the fused C++ attention kernel of cpu_kernels/attention.cc, called
 through XLA's FFI (float32, XLA:CPU); cpu_library.py compiles it on first use.
 
-Shapes: q float32[B, Q, H, D], k/v float32[B, K, Hkv, D], bias float32[B, Q, K] or None
--> float32[B, Q, H, D]; D a multiple of 16 up to 256. The backward recomputes the
-probabilities from the saved log-sum-exp, so no [Q, K] matrix is kept for it.
+Shapes: q float32[B, Q, H, D], k/v float32[B, K, Hkv, D], mask None (every key
+visible), a float32[B, Q, K] bias or a masks.PositionMask -> float32[B, Q, H, D]; D a
+multiple of 16 up to 256. The backward recomputes the probabilities from the saved
+log-sum-exp, so no [Q, K] matrix is kept for it. The model passes a PositionMask
+(SaisaModel._mask): the kernel reads each row's and key's position instead of a
+[B, Q, K] bias that XLA would build first.
 """
 from __future__ import annotations
 
@@ -11,25 +14,60 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from saisa_jax.models import masks
 from saisa_jax.models.cpu_library import ensure_registered
+
+# The kernels' `mask` attribute (attention_fwd.h MaskKind).
+NO_MASK, BIAS, POSITION, NAAVIT = 0, 1, 2, 3
+
+
+def mask_operand(mask):
+  """None, a float bias [B, Q, K] or a masks.PositionMask -> (the kernels' mask
+  operand, its kind): a dummy, the float32 bias, or int32 [B, Q + K] (q_info, then
+  k_info)."""
+  if mask is None:
+    return jnp.zeros((1, 1, 1), jnp.float32), NO_MASK
+  if isinstance(mask, masks.PositionMask):
+    info = jnp.concatenate([mask.q_info, mask.k_info], axis=1).astype(jnp.int32)
+    return info, NAAVIT if mask.naavit else POSITION
+  return mask.astype(jnp.float32), BIAS
+
+
+def operand_mask(op, kind: int, queries: int):
+  """mask_operand's inverse (for the XLA references of the gradients): None, the
+  bias, or the PositionMask."""
+  if kind == NO_MASK:
+    return None
+  if kind == BIAS:
+    return op
+  return masks.PositionMask(op[:, :queries], op[:, queries:], kind == NAAVIT)
+
+
+def operand_cotangent(op):
+  """The zero cotangent of a mask operand (float0 for the int32 position information)."""
+  if op.dtype == jnp.int32:
+    return np.zeros(op.shape, jax.dtypes.float0)
+  return jnp.zeros_like(op)
 
 
 def supported_head_dim(d: int) -> bool:
   return d % 16 == 0 and 16 <= d <= 256 and (d // 16) in (1, 2, 4, 8, 16)
 
 
-def attend(q, k, v, bias, causal_from: int | None = None):
+def attend(q, k, v, mask, causal_from: int | None = None):
   """See module docstring. causal_from: key causal_from + j is hidden from query i
   when j > i (attention.py's causal promise); the kernel then reads, for a block of 8
   query rows, only the keys up to causal_from + its last row. None reads every key."""
   ensure_registered()
   cf = keys_read(causal_from, k.shape[1])
+  op, kind = mask_operand(mask)
   return _attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                 None if bias is None else bias.astype(jnp.float32), cf).astype(q.dtype)
+                 op, cf, kind).astype(q.dtype)
 
 
-def attend_prefill(q, k, v, bias, causal_from: int | None, slots: int):
+def attend_prefill(q, k, v, mask, causal_from: int | None, slots: int):
   """attend() that also returns the prefill's KV cache in attention.attend_cached's
   layouts: (out float[B, Q, H, D], k float32[B, Hkv, D, S] keys transposed, v
   float32[B, Hkv, S, D]), zero past the K keys. The kernel writes the cache from the
@@ -40,14 +78,14 @@ def attend_prefill(q, k, v, bias, causal_from: int | None, slots: int):
   if slots < tk:
     raise ValueError(f"cache_size {slots} < the prompt's {tk} keys")
   cf = keys_read(causal_from, tk)
+  op, kind = mask_operand(mask)
   f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   out, _, kc, vc = jax.ffi.ffi_call(
       "SaisaAttentionPrefill",
       (f32(q.shape), f32((b, h, tq)), f32((b, hkv, d, slots)), f32((b, hkv, slots, d))),
       vmap_method="sequential")(
-          q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-          _dummy_bias() if bias is None else bias.astype(jnp.float32),
-          causal_from=cf, has_bias=bias is not None, slots=slots)
+          q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), op,
+          causal_from=cf, mask=kind, slots=slots)
   return out.astype(q.dtype), kc, vc
 
 
@@ -56,38 +94,32 @@ def keys_read(causal_from: int | None, tk: int) -> int:
   return tk if causal_from is None else min(int(causal_from), tk)
 
 
-def _dummy_bias():
-  return jnp.zeros((1, 1, 1), jnp.float32)
-
-
-def _forward(q, k, v, bias, causal_from):
+def _forward(q, k, v, op, causal_from, kind):
   b, tq, h, _ = q.shape
   out, lse = jax.ffi.ffi_call(
       "SaisaAttentionForward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)),
-      vmap_method="sequential")(q, k, v, _dummy_bias() if bias is None else bias,
-                                causal_from=causal_from, has_bias=bias is not None)
-  return out, (q, k, v, bias, out, lse)
+      vmap_method="sequential")(q, k, v, op, causal_from=causal_from, mask=kind)
+  return out, (q, k, v, op, out, lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q, k, v, bias, causal_from):
-  return _forward(q, k, v, bias, causal_from)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q, k, v, op, causal_from, kind):
+  return _forward(q, k, v, op, causal_from, kind)[0]
 
 
-def _attend_fwd(q, k, v, bias, causal_from):
-  return _forward(q, k, v, bias, causal_from)
+def _attend_fwd(q, k, v, op, causal_from, kind):
+  return _forward(q, k, v, op, causal_from, kind)
 
 
-def _attend_bwd(causal_from, res, do):
-  q, k, v, bias, out, lse = res
+def _attend_bwd(causal_from, kind, res, do):
+  q, k, v, op, out, lse = res
   dq, dk, dv = jax.ffi.ffi_call(
       "SaisaAttentionBackward",
       tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
-      vmap_method="sequential")(q, k, v, _dummy_bias() if bias is None else bias, out, lse,
-                                do.astype(jnp.float32), causal_from=causal_from,
-                                has_bias=bias is not None)
-  return dq, dk, dv, None if bias is None else jnp.zeros_like(bias)
+      vmap_method="sequential")(q, k, v, op, out, lse, do.astype(jnp.float32),
+                                causal_from=causal_from, mask=kind)
+  return dq, dk, dv, operand_cotangent(op)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

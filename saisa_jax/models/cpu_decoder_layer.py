@@ -4,8 +4,8 @@ projection, norm and SwiGLU FFN in one call. llama.DecoderLayer uses it in the s
 layout under model.attention=cpu for the rows it runs (text in saisa; [visual; text]
 in llava and naavit), decode steps excepted.
 
-Shapes: x float[B, T, d]; cos, sin [B, T, hd] (rope.rope_tables); bias float32[B, T, K]
-or None; extra (k, v) float[B, V, Hkv, hd] or None (K = V + T); weights as the layer's
+Shapes: x float[B, T, d]; cos, sin [B, T, hd] (rope.rope_tables); mask None, a bias
+float32[B, T, K] or a masks.PositionMask (cpu_attention.mask_operand); extra (k, v) float[B, V, Hkv, hd] or None (K = V + T); weights as the layer's
 parameters: norm scales [d], wq [d, H, hd], wk, wv [d, Hkv, hd], wo [H, hd, d], wg, wu
 [d, F], wd [F, d]. Returns x' [B, T, d] and, with slots S, the prefill's KV cache (k
 [B, Hkv, hd, S], v [B, Hkv, S, hd], all K keys), else the rows' own k, v [B, T, Hkv, hd].
@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saisa_jax.models.cpu_attention import (BIAS, NAAVIT, POSITION, mask_operand,
+                                            operand_cotangent, operand_mask)
 from saisa_jax.models.cpu_library import ensure_registered
 
 
@@ -55,10 +57,11 @@ def worth_it(rows: int, hidden: int, intermediate: int, heads: int, kv_heads: in
   return weights <= 4 << 20 or rows >= 512
 
 
-def reference(x, cos, sin, bias, extra, w: LayerWeights, eps: float):
+def reference(x, cos, sin, mask, extra, w: LayerWeights, eps: float):
   """The layer in XLA ops (llama.DecoderLayer's computation): -> (x', k, v), k and v
   [B, K, Hkv, hd] with the extra keys first."""
-  from saisa_jax.models.attention import attend
+  from saisa_jax.models.attention import attend, mask_bias
+  from saisa_jax.models.masks import PositionMask, position_mask_array
   from saisa_jax.models.rope import apply_rope
 
   def norm(h, g):
@@ -70,12 +73,14 @@ def reference(x, cos, sin, bias, extra, w: LayerWeights, eps: float):
   if extra is not None:
     k = jnp.concatenate([extra[0], k], axis=1)
     v = jnp.concatenate([extra[1], v], axis=1)
-  y = x + jnp.einsum("bthe,hed->btd", attend(q, k, v, bias), w.wo)
+  if isinstance(mask, PositionMask):
+    mask = mask_bias(position_mask_array(mask))
+  y = x + jnp.einsum("bthe,hed->btd", attend(q, k, v, mask), w.wo)
   h = norm(y, w.post_norm)
   return y + (jax.nn.silu(h @ w.wg) * (h @ w.wu)) @ w.wd, k, v
 
 
-def layer(x, cos, sin, bias, extra: Optional[tuple], w: LayerWeights, eps: float,
+def layer(x, cos, sin, mask, extra: Optional[tuple], w: LayerWeights, eps: float,
           causal_from: int, slots: int = 0):
   """See module docstring. causal_from: attention's causal promise as the attention
   kernel takes it (cpu_attention.keys_read; K or more reads every key); slots 0
@@ -90,8 +95,12 @@ def layer(x, cos, sin, bias, extra: Optional[tuple], w: LayerWeights, eps: float
          if getattr(w, k).shape != s]
   if cos.shape != (b, t, hd) or sin.shape != cos.shape:
     bad.append(f"cos / sin {cos.shape} / {sin.shape} (want {(b, t, hd)})")
-  if bias is not None and bias.shape != (b, t, keys):
-    bad.append(f"bias {bias.shape} (want {(b, t, keys)})")
+  op, kind = mask_operand(mask)
+  if kind == BIAS and op.shape != (b, t, keys):
+    bad.append(f"bias {op.shape} (want {(b, t, keys)})")
+  if kind in (POSITION, NAAVIT) and op.shape != (b, t + keys):
+    bad.append(f"position mask q_info / k_info {mask.q_info.shape} / {mask.k_info.shape} "
+               f"(want {(b, t)} / {(b, keys)})")
   if extra is not None and (extra[0].shape != (b, keys - t, hkv, hd)
                             or extra[1].shape != extra[0].shape):
     bad.append(f"extra k / v {extra[0].shape} / {extra[1].shape} (want [B, V, Hkv, hd])")
@@ -114,32 +123,43 @@ def layer(x, cos, sin, bias, extra: Optional[tuple], w: LayerWeights, eps: float
       (jax.ShapeDtypeStruct(x.shape, jnp.float32),
        *(jax.ShapeDtypeStruct(s, jnp.float32) for s in kv_shapes)),
       vmap_method="sequential")(
-          f32(x), f32(cos), f32(sin), dummy if bias is None else f32(bias),
+          f32(x), f32(cos), f32(sin), op,
           dummy if extra is None else f32(extra[0]), dummy if extra is None else f32(extra[1]),
           f32(w.input_norm), f32(w.wq).reshape(d, -1), f32(w.wk).reshape(d, -1),
           f32(w.wv).reshape(d, -1), f32(w.wo).reshape(-1, d), f32(w.post_norm), f32(w.wg),
           f32(w.wu), f32(w.wd), eps=np.float32(eps), causal_from=int(causal_from),
-          has_bias=bias is not None, has_extra=extra is not None, slots=int(slots))
+          mask=kind, has_extra=extra is not None, slots=int(slots))
   return out, k, v
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def layer_own_kv(x, cos, sin, bias, extra, w: LayerWeights, eps: float, causal_from: int):
+def layer_own_kv(x, cos, sin, mask, extra, w: LayerWeights, eps: float, causal_from: int):
   """layer(..., slots=0) -> (x', k, v) with k, v [B, K, Hkv, hd] (the extra keys first),
   differentiable through the reference."""
-  out, k, v = layer(x, cos, sin, bias, extra, w, eps, causal_from)
+  op, kind = mask_operand(mask)  # arrays only through custom_vjp (naavit is static)
+  return _layer_own_kv(x, cos, sin, op, extra, w, eps, causal_from, kind)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _layer_own_kv(x, cos, sin, op, extra, w, eps, causal_from, kind):
+  out, k, v = layer(x, cos, sin, operand_mask(op, kind, x.shape[1]), extra, w, eps,
+                    causal_from)
   if extra is not None:
     k = jnp.concatenate([extra[0].astype(k.dtype), k], axis=1)
     v = jnp.concatenate([extra[1].astype(v.dtype), v], axis=1)
   return out, k, v
 
 
-def _fwd(x, cos, sin, bias, extra, w, eps, causal_from):
-  return layer_own_kv(x, cos, sin, bias, extra, w, eps, causal_from), (x, cos, sin, bias, extra, w)
+def _fwd(x, cos, sin, op, extra, w, eps, causal_from, kind):
+  out = _layer_own_kv(x, cos, sin, op, extra, w, eps, causal_from, kind)
+  return out, (x, cos, sin, op, extra, w)
 
 
-def _bwd(eps, causal_from, res, g):
-  return jax.vjp(lambda *a: reference(*a, eps), *res)[1](g)
+def _bwd(eps, causal_from, kind, res, g):
+  x, cos, sin, op, extra, w = res
+  _, vjp = jax.vjp(lambda x, cos, sin, extra, w: reference(
+      x, cos, sin, operand_mask(op, kind, x.shape[1]), extra, w, eps), x, cos, sin, extra, w)
+  dx, dcos, dsin, dextra, dw = vjp(g)
+  return dx, dcos, dsin, operand_cotangent(op), dextra, dw
 
 
-layer_own_kv.defvjp(_fwd, _bwd)
+_layer_own_kv.defvjp(_fwd, _bwd)

@@ -57,6 +57,15 @@ def position_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment: str) -> 
   return PositionMask(q_info, k_info, alignment == "naavit")
 
 
+def position_mask_array(mask: PositionMask):
+  """PositionMask -> bool[B, Q, K], attention_mask's array (for XLA references)."""
+  qi, ki = mask.q_info[:, :, None], mask.k_info[:, None, :]
+  seen = (ki >> 1) <= (qi >> 1)
+  if mask.naavit:
+    seen = seen & ~(((qi & 1) == 1) & ((ki & 1) == 1) & (ki != qi))
+  return seen
+
+
 def full_mask(b: int, tq: int, tk: int) -> PositionMask:
   """Every key visible to every query (the vision tower)."""
   return PositionMask(jnp.zeros((b, tq), jnp.int32), jnp.zeros((b, tk), jnp.int32))

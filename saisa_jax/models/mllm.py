@@ -19,7 +19,7 @@ from saisa_jax.models.clip import VisionTower
 from saisa_jax.models.config import ModelConfig
 from saisa_jax.models.layers import dtype_of
 from saisa_jax.models.llama import Decoder
-from saisa_jax.models.attention import is_flash, mask_bias, writes_cache
+from saisa_jax.models.attention import mask_bias, takes_position_mask, writes_cache
 from saisa_jax.models import masks
 from saisa_jax.models.masks import attention_mask
 from saisa_jax.models.projectors import MLPProjector
@@ -92,9 +92,10 @@ class SaisaModel(nn.Module):
 
   def _mask(self, q_pos, q_visual, k_pos, k_visual, k_valid, alignment: str):
     """masks.attention_mask as the decoder's attention takes it: an additive bias
-    float32[B, Q, K], or for flash attention the per-token PositionMask (no [Q, K]
-    array at all)."""
-    if is_flash(self.cfg.attention):
+    float32[B, Q, K], or for the flash and cpu kernels the per-token PositionMask (no
+    [Q, K] array at all: building and reading the tiny llava bias took ~10% of its
+    prefill on CPU)."""
+    if takes_position_mask(self.cfg.attention):
       return masks.position_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment)
     # The [B, T] inputs are gathers (rows sorted by position); without the barrier
     # XLA:CPU fused them into the [B, Q, K] loop and redid them for every element

@@ -18,7 +18,8 @@
 //                 layer at the bench's shapes, profiled), and the backward needs no
 //                 saved copy.
 //   lse           [B, H, T]
-//   bias          [B, T, K] additive (0 / -1e30), or absent (has_bias = 0)
+//   mask          none, a bias [B, T, K] additive (0 / -1e30), or position information
+//                 int32 [B, T + K] (attention_fwd.h Mask; the `mask` attribute says which)
 // Query row t reads keys [0, min(K, causal_from + end of its row block)): the caller
 // promises the later keys are hidden from it (attention.py); causal_from >= K reads all.
 // D is a multiple of 16, at most 256; H is a multiple of Hkv (grouped-query attention).
@@ -72,7 +73,7 @@ void outer_add(const float (*at)[R], const float* x, int64_t ks, int nr, float* 
 // key/value gradients of the unit are written by one thread.
 template <int ND>
 void backward_unit(const Shape& sh, int64_t Kp, const float* q, const float* k,
-                   const float* v, const float* bias, const float* o, const float* lse,
+                   const float* v, const float* o, const float* lse,
                    const float* dout, float* dq, float* dk, float* dv, int64_t b,
                    int64_t hk, std::vector<float>& buf) {
   constexpr int D = ND * W;
@@ -97,8 +98,8 @@ void backward_unit(const Shape& sh, int64_t Kp, const float* q, const float* k,
       const float* dor = dout + ((b * sh.T + t0) * sh.H + h) * D;
       const float* orow = o + ((b * sh.T + t0) * sh.H + h) * D;
       float m[R], delta[R], unused[R], scales[R];
-      masked_scores<ND>(sh, bias, b, t0, qr, rs, nr, kTh, Kp, kend, scale, p, ks, unused);
-      scores<ND, false>(dor, rs, nr, vTh, Kp, kend, 1.0f, nullptr, 0, dp, ks, unused);
+      masked_scores<ND>(sh, b, t0, qr, rs, nr, kTh, Kp, kend, scale, p, ks, unused);
+      scores<ND, kNoMask>(dor, rs, nr, vTh, Kp, kend, 1.0f, {}, dp, ks, unused);
       for (int r = 0; r < nr; ++r) {
         m[r] = lse[(b * sh.H + h) * sh.T + t0 + r];
         float dl = 0;
@@ -142,34 +143,30 @@ void backward_unit(const Shape& sh, int64_t Kp, const float* q, const float* k,
 
 template <int ND>
 ffi::Error backward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
-                         const float* k, const float* v, const float* bias, const float* o,
-                         const float* lse, const float* dout, float* dq, float* dk,
+                         const float* k, const float* v, const float* o, const float* lse, const float* dout, float* dq, float* dk,
                          float* dv) {
   parallel_for(pool, sh.B * sh.Hkv, [&](int64_t i) {
     thread_local std::vector<float> buf;
-    backward_unit<ND>(sh, Kp, q, k, v, bias, o, lse, dout, dq, dk, dv, i / sh.Hkv,
+    backward_unit<ND>(sh, Kp, q, k, v, o, lse, dout, dq, dk, dv, i / sh.Hkv,
                         i % sh.Hkv, buf);
   });
   return ffi::Error::Success();
 }
 
-// Fills sh from q [B, T, H, D] and the keys' batch, kv heads, head dim and count, and
-// checks the bias ([B, T, K] when has_bias) and the head dims.
+// Fills sh from q [B, T, H, D], the keys' batch, kv heads, head dim and count, and the
+// mask operand (`mask` kind), and checks them.
 ffi::Error check_shape(ffi::Buffer<ffi::F32> q, int64_t B, int64_t Hkv, int64_t D, int64_t K,
-                       ffi::Buffer<ffi::F32> bias, int64_t causal_from, bool has_bias,
-                       Shape* sh) {
+                       ffi::AnyBuffer mask, int64_t causal_from, int64_t kind, Shape* sh) {
   auto qd = q.dimensions();
   if (qd.size() != 4)
     return ffi::Error::InvalidArgument("cpu attention: q must be [B, T, H, D]");
-  *sh = Shape{qd[0], qd[1], qd[2], Hkv, K, qd[3], causal_from, has_bias};
+  *sh = Shape{qd[0], qd[1], qd[2], Hkv, K, qd[3], causal_from};
   if (sh->D % W != 0 || sh->D > 256 || D != sh->D || B != sh->B || sh->Hkv < 1 ||
       sh->H % sh->Hkv != 0)
     return ffi::Error::InvalidArgument("cpu attention: head dim must be a multiple of 16 "
                                        "(<= 256), q / k batch and head dim equal, and heads "
                                        "a multiple of kv heads");
-  if (has_bias && bias.element_count() != static_cast<size_t>(sh->B * sh->T * K))
-    return ffi::Error::InvalidArgument("cpu attention: bias must be [B, Q, K]");
-  return ffi::Error::Success();
+  return read_mask(mask, kind, sh->B, sh->T, K, "cpu attention", &sh->mask);
 }
 
 #define DISPATCH(ND_VAR, CALL) SAISA_BY_HEAD_DIM(ND_VAR, CALL, "cpu attention")
@@ -178,50 +175,50 @@ ffi::Error check_shape(ffi::Buffer<ffi::F32> q, int64_t B, int64_t Hkv, int64_t 
 // is not null the prefill's cache kc [B, Hkv, D, S], vc [B, Hkv, S, D] (S = slots >= K;
 // zero past K).
 ffi::Error run_forward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
-                       bool has_bias, float* o, float* lse, float* kc = nullptr,
+                       ffi::Buffer<ffi::F32> v, ffi::AnyBuffer mask, int64_t causal_from,
+                       int64_t kind, float* o, float* lse, float* kc = nullptr,
                        float* vc = nullptr, size_t cache_size = 0, int64_t slots = 0) {
   auto kd = k.dimensions();
   if (kd.size() != 4 || k.element_count() != v.element_count())
     return ffi::Error::InvalidArgument("cpu attention: k and v must be [B, K, Hkv, D]");
   Shape sh;
-  if (auto e = check_shape(q, kd[0], kd[2], kd[3], kd[1], bias, causal_from, has_bias, &sh);
+  if (auto e = check_shape(q, kd[0], kd[2], kd[3], kd[1], mask, causal_from, kind, &sh);
       e.failure())
     return e;
   if (kc && (slots < sh.K || cache_size != static_cast<size_t>(sh.B * sh.Hkv * sh.D * slots)))
     return ffi::Error::InvalidArgument("cpu attention: the cache must be [B, Hkv, D, S] and "
                                        "[B, Hkv, S, D] with S >= the key count");
   DISPATCH(sh.D / W, forward_impl<ND>(sh, round_up(sh.K, W), pool, q.typed_data(),
-                                       k.typed_data(), v.typed_data(), bias.typed_data(), o,
-                                       lse, kc, vc, slots))
+                                       k.typed_data(), v.typed_data(), o, lse, kc, vc,
+                                       slots))
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
-                    bool has_bias, ffi::ResultBuffer<ffi::F32> o,
+                    ffi::Buffer<ffi::F32> v, ffi::AnyBuffer mask, int64_t causal_from,
+                    int64_t kind, ffi::ResultBuffer<ffi::F32> o,
                     ffi::ResultBuffer<ffi::F32> lse) {
-  return run_forward(pool, q, k, v, bias, causal_from, has_bias, o->typed_data(),
+  return run_forward(pool, q, k, v, mask, causal_from, kind, o->typed_data(),
                      lse->typed_data());
 }
 
 // Forward() that also writes the prefill's KV cache.
 ffi::Error Prefill(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, int64_t causal_from,
-                   bool has_bias, int64_t slots, ffi::ResultBuffer<ffi::F32> o,
+                   ffi::Buffer<ffi::F32> v, ffi::AnyBuffer mask, int64_t causal_from,
+                   int64_t kind, int64_t slots, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> kc,
                    ffi::ResultBuffer<ffi::F32> vc) {
   if (kc->element_count() != vc->element_count())
     return ffi::Error::InvalidArgument("cpu attention: the cache's k and v must match");
-  return run_forward(pool, q, k, v, bias, causal_from, has_bias, o->typed_data(),
+  return run_forward(pool, q, k, v, mask, causal_from, kind, o->typed_data(),
                      lse->typed_data(), kc->typed_data(), vc->typed_data(),
                      kc->element_count(), slots);
 }
 
 // q [B, T, H, D], k, v [B, K, Hkv, D], o, lse (the forward's), dO -> dq, dk, dv.
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
+                     ffi::Buffer<ffi::F32> v, ffi::AnyBuffer mask,
                      ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
-                     ffi::Buffer<ffi::F32> dout, int64_t causal_from, bool has_bias,
+                     ffi::Buffer<ffi::F32> dout, int64_t causal_from, int64_t kind,
                      ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                      ffi::ResultBuffer<ffi::F32> dv) {
   auto kd = k.dimensions();
@@ -229,12 +226,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       dk->element_count() != k.element_count() || dv->element_count() != k.element_count())
     return ffi::Error::InvalidArgument("cpu attention: k, v, dk and dv must be [B, K, Hkv, D]");
   Shape sh;
-  if (auto e = check_shape(q, kd[0], kd[2], kd[3], kd[1], bias, causal_from, has_bias, &sh);
+  if (auto e = check_shape(q, kd[0], kd[2], kd[3], kd[1], mask, causal_from, kind, &sh);
       e.failure())
     return e;
   DISPATCH(sh.D / W, backward_impl<ND>(sh, round_up(sh.K, W), pool, q.typed_data(),
-                                        k.typed_data(), v.typed_data(), bias.typed_data(),
-                                        o.typed_data(), lse.typed_data(), dout.typed_data(),
+                                        k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(), dout.typed_data(),
                                         dq->typed_data(), dk->typed_data(), dv->typed_data()))
 }
 
@@ -246,12 +242,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("causal_from")
-                                  .Attr<bool>("has_bias")
+                                  .Attr<int64_t>("mask")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
@@ -262,9 +258,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Attr<int64_t>("causal_from")
-                                  .Attr<bool>("has_bias")
+                                  .Attr<int64_t>("mask")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -274,9 +270,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionPrefill, Prefill,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Attr<int64_t>("causal_from")
-                                  .Attr<bool>("has_bias")
+                                  .Attr<int64_t>("mask")
                                   .Attr<int64_t>("slots")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

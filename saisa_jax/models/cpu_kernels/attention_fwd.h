@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <string>
 
 #include "simd.h"
 
@@ -23,9 +24,51 @@ namespace {
 
 constexpr int R = 8;   // query rows per block
 
+// The mask operand (cpu_attention.mask_operand): none, an additive bias [B, T, K]
+// (0 / -1e30), or per-token information int32 [B, T + K] (masks.PositionMask: each
+// query's 2 pos + visual, then each key's, an invalid key at a position after every
+// query): key j is visible to query i iff k_info[j] >> 1 <= q_info[i] >> 1, and under
+// kNaavit a visual query sees no other visual token. The information is read as two
+// int32 vectors a row instead of the bias' [T, K] floats (3.3 MB a layer at the tiny
+// bench's 2 x 640 rows, read once per query head) that XLA had to build first.
+enum MaskKind { kNoMask = 0, kBias = 1, kPosition = 2, kNaavit = 3 };
+struct Mask {
+  int kind = kNoMask;
+  const float* bias = nullptr;   // kBias
+  const int32_t* info = nullptr; // kPosition, kNaavit
+};
+
+// The mask operand m of a call whose `mask` attribute is `kind`, for B x T queries and
+// K keys: checks its type and size (errors name `kernel`).
+inline ffi::Error read_mask(ffi::AnyBuffer m, int64_t kind, int64_t B, int64_t T, int64_t K,
+                            const char* kernel, Mask* out) {
+  const std::string who = kernel;
+  *out = Mask{static_cast<int>(kind)};
+  switch (kind) {
+    case kNoMask:
+      return ffi::Error::Success();
+    case kBias:
+      if (m.element_type() != ffi::DataType::F32 ||
+          m.element_count() != static_cast<size_t>(B * T * K))
+        return ffi::Error::InvalidArgument(who + ": the bias must be float32 [B, Q, K]");
+      out->bias = static_cast<const float*>(m.untyped_data());
+      return ffi::Error::Success();
+    case kPosition:
+    case kNaavit:
+      if (m.element_type() != ffi::DataType::S32 ||
+          m.element_count() != static_cast<size_t>(B * (T + K)))
+        return ffi::Error::InvalidArgument(
+            who + ": the position mask must be int32 [B, Q + K] (q_info, then k_info)");
+      out->info = static_cast<const int32_t*>(m.untyped_data());
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(who + ": mask kind must be 0-3 (MaskKind)");
+  }
+}
+
 struct Shape {
   int64_t B, T, H, Hkv, K, D, causal_from;
-  bool has_bias;
+  Mask mask;
   int64_t kend(int64_t row_end) const { return std::min(K, causal_from + row_end); }
 };
 
@@ -70,23 +113,59 @@ inline vf vmax(vf a, vf b) {
 #endif
 }
 
-// Finishes one score vector of a row at keys [j, j + W) that reaches past kend: adds
-// the bias to the visible keys, hides the rest, stores it and folds it into the max.
-inline void finish_partial(vf v, int64_t j, int64_t kend, const float* brow, float* srow,
-                           vf& mx) {
-  for (int i = 0; i < W; ++i)
-    v[i] = j + i < kend ? v[i] + (brow ? brow[j + i] : 0.0f) : kHidden;
+// The mask of rows [t0, ...) of one batch element, as scores() applies it (KIND a
+// MaskKind): apply() to a vector of 16 keys from j, apply1() to one key.
+template <int KIND>
+struct RowMask {
+  const float* bias = nullptr;  // kBias: row t0's bias row; rows at stride `stride`
+  int64_t stride = 0;
+  const int32_t* qi = nullptr;  // positions: q_info from row t0, k_info from key 0
+  const int32_t* ki = nullptr;
+
+  vf apply(int r, int64_t j, vf v) const {
+    if constexpr (KIND == kBias) {
+      return v + load(bias + r * stride + j);
+    } else if constexpr (KIND == kPosition || KIND == kNaavit) {
+      vi k;
+      std::memcpy(&k, ki + j, sizeof(k));
+      vi seen = k <= (qi[r] | 1);  // same or earlier position (bit 0: visual)
+      if (KIND == kNaavit && (qi[r] & 1)) seen &= ((k & 1) == 0) | (k == qi[r]);
+      return seen ? v : splat(kHidden);
+    } else {
+      return v;
+    }
+  }
+  float apply1(int r, int64_t j, float x) const {
+    if constexpr (KIND == kBias) {
+      return x + bias[r * stride + j];
+    } else if constexpr (KIND == kPosition || KIND == kNaavit) {
+      const int32_t k = ki[j], q = qi[r];
+      bool seen = k <= (q | 1);
+      if (KIND == kNaavit && (q & 1)) seen = seen && (!(k & 1) || k == q);
+      return seen ? x : kHidden;
+    } else {
+      return x;
+    }
+  }
+};
+
+// Finishes one score vector of a row at keys [j, j + W) that reaches past kend: masks
+// the visible keys, hides the rest, stores it and folds it into the max.
+template <int KIND>
+inline void finish_partial(vf v, int r, int64_t j, int64_t kend, const RowMask<KIND>& rm,
+                           float* srow, vf& mx) {
+  for (int i = 0; i < W; ++i) v[i] = j + i < kend ? rm.apply1(r, j + i, v[i]) : kHidden;
   store(srow + j, v);
   mx = vmax(mx, v);
 }
 
-// s[r][j] = scale * q[r] . k[j] (+ bias[r][j]) for j < kend, kHidden for j in [kend, ks);
+// s[r][j] = scale * q[r] . k[j], masked by rm, for j < kend, kHidden for j in [kend, ks);
 // m[r] = max_j s[r][j]. Rows r < nr (rows past nr are not written). Groups of 4 rows;
 // within a group, tiles of 4 key vectors while every key is visible, then single vectors.
-template <int ND, bool BIAS>
+template <int ND, int KIND>
 void scores(const float* q, int64_t q_stride, int nr, const float* kT, int64_t Kp,
-            int64_t kend, float scale, const float* bias, int64_t b_stride, float* s,
-            int64_t ks, float* m) {
+            int64_t kend, float scale, const RowMask<KIND>& rm, float* s, int64_t ks,
+            float* m) {
   constexpr int D = ND * W;
   const int64_t jfull = kend / W * W;
   for (int r0 = 0; r0 < nr; r0 += 4) {
@@ -97,7 +176,6 @@ void scores(const float* q, int64_t q_stride, int nr, const float* kT, int64_t K
     vf mx[4];
     for (int r = 0; r < 4; ++r) mx[r] = splat(kHidden);
     float* sg = s + r0 * ks;
-    const float* bg = BIAS ? bias + r0 * b_stride : nullptr;
     int64_t j = 0;
     for (; j + 4 * W <= jfull; j += 4 * W) {
       vf acc[4][4] = {};
@@ -111,8 +189,7 @@ void scores(const float* q, int64_t q_stride, int nr, const float* kT, int64_t K
       }
       for (int r = 0; r < 4; ++r)
         for (int c = 0; c < 4; ++c) {
-          vf v = acc[r][c];
-          if (BIAS) v += load(bg + r * b_stride + j + c * W);
+          vf v = rm.apply(r0 + r, j + c * W, acc[r][c]);
           store(sg + r * ks + j + c * W, v);
           mx[r] = vmax(mx[r], v);
         }
@@ -125,12 +202,11 @@ void scores(const float* q, int64_t q_stride, int nr, const float* kT, int64_t K
       }
       for (int r = 0; r < g; ++r) {
         if (j + W <= kend) {
-          vf v = acc[r];
-          if (BIAS) v += load(bg + r * b_stride + j);
+          vf v = rm.apply(r0 + r, j, acc[r]);
           store(sg + r * ks + j, v);
           mx[r] = vmax(mx[r], v);
         } else {
-          finish_partial(acc[r], j, kend, BIAS ? bg + r * b_stride : nullptr, sg + r * ks, mx[r]);
+          finish_partial(acc[r], r0 + r, j, kend, rm, sg + r * ks, mx[r]);
         }
       }
     }
@@ -142,16 +218,27 @@ void scores(const float* q, int64_t q_stride, int nr, const float* kT, int64_t K
   }
 }
 
-// scores() for rows [t0, t0 + nr) of batch b, with the call's bias when it has one.
+// scores() for rows [t0, t0 + nr) of batch b, under the call's mask.
 template <int ND>
-void masked_scores(const Shape& sh, const float* bias, int64_t b, int64_t t0, const float* q,
-                   int64_t q_stride, int nr, const float* kT, int64_t Kp, int64_t kend,
-                   float scale, float* s, int64_t ks, float* m) {
-  if (sh.has_bias)
-    scores<ND, true>(q, q_stride, nr, kT, Kp, kend, scale, bias + (b * sh.T + t0) * sh.K, sh.K,
-                     s, ks, m);
-  else
-    scores<ND, false>(q, q_stride, nr, kT, Kp, kend, scale, nullptr, 0, s, ks, m);
+void masked_scores(const Shape& sh, int64_t b, int64_t t0, const float* q, int64_t q_stride,
+                   int nr, const float* kT, int64_t Kp, int64_t kend, float scale, float* s,
+                   int64_t ks, float* m) {
+  const Mask& mk = sh.mask;
+  const int32_t* qi = mk.info ? mk.info + b * (sh.T + sh.K) + t0 : nullptr;
+  const int32_t* ki = mk.info ? mk.info + b * (sh.T + sh.K) + sh.T : nullptr;
+  switch (mk.kind) {
+    case kBias:
+      return scores<ND, kBias>(q, q_stride, nr, kT, Kp, kend, scale,
+                               {mk.bias + (b * sh.T + t0) * sh.K, sh.K}, s, ks, m);
+    case kPosition:
+      return scores<ND, kPosition>(q, q_stride, nr, kT, Kp, kend, scale, {nullptr, 0, qi, ki},
+                                   s, ks, m);
+    case kNaavit:
+      return scores<ND, kNaavit>(q, q_stride, nr, kT, Kp, kend, scale, {nullptr, 0, qi, ki},
+                                 s, ks, m);
+    default:
+      return scores<ND, kNoMask>(q, q_stride, nr, kT, Kp, kend, scale, {}, s, ks, m);
+  }
 }
 
 // out[r][d] = alpha[r] * sum_{j < ks} p[r][j] * vT[d][j], rows r < nr (p rows past nr
@@ -178,7 +265,7 @@ void pv(const float* p, int64_t ks, int nr, const float* vT, int64_t Kp, const f
 
 template <int ND>
 void forward_block(const Shape& sh, int64_t Kp, const float* q, const float* kTh,
-                   const float* vTh, const float* bias, float* o, float* lse, int64_t b,
+                   const float* vTh, float* o, float* lse, int64_t b,
                    int64_t h, int64_t t0, std::vector<float>& buf) {
   const int64_t D = ND * W;
   const int nr = static_cast<int>(std::min<int64_t>(R, sh.T - t0));
@@ -187,7 +274,7 @@ void forward_block(const Shape& sh, int64_t Kp, const float* q, const float* kTh
   float m[R], inv[R];
   const float* qr = q + ((b * sh.T + t0) * sh.H + h) * D;
   const float scale = 1.0f / std::sqrt(float(D));
-  masked_scores<ND>(sh, bias, b, t0, qr, sh.H * D, nr, kTh, Kp, kend, scale, s, ks, m);
+  masked_scores<ND>(sh, b, t0, qr, sh.H * D, nr, kTh, Kp, kend, scale, s, ks, m);
   for (int r = 0; r < nr; ++r) {
     float* sr = s + r * ks;
     vf mv = splat(m[r]), acc = {};
@@ -310,7 +397,7 @@ void write_cache(const float* kT, int64_t Kp, const Rows& v, int64_t K, int64_t 
 // Hkv, D]); null with V = 0 when k, v hold all K.
 template <int ND>
 ffi::Error forward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
-                        const float* k, const float* v, const float* bias, float* o,
+                        const float* k, const float* v, float* o,
                         float* lse, float* kc = nullptr, float* vc = nullptr, int64_t S = 0,
                         const float* ke = nullptr, const float* ve = nullptr, int64_t V = 0) {
   const int64_t D = ND * W, st = sh.Hkv * D, G = sh.H / sh.Hkv, own = sh.K - V;
@@ -328,7 +415,7 @@ ffi::Error forward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, cons
     to_columns(vr, sh.K, D, Kp, vTh);
     if (kc && c == 0) write_cache<ND>(kTh, Kp, vr, sh.K, S, kc + bh * D * S, vc + bh * S * D);
     for (int64_t it = c; it < items; it += C)
-      forward_block<ND>(sh, Kp, q, kTh, vTh, bias, o, lse, b, hk * G + it / blocks,
+      forward_block<ND>(sh, Kp, q, kTh, vTh, o, lse, b, hk * G + it / blocks,
                         (it % blocks) * R, buf);
   });
   return ffi::Error::Success();

@@ -119,8 +119,8 @@ ffi::Error clip_impl(const ClipDims& s, const float* const* wts, ffi::ThreadPool
   float* attn = aligned_scratch(bo, N * qn);
   float* lse = aligned_scratch(bl, s.B * s.H * s.T);
   // No mask: causal_from = T makes every row read all T keys.
-  const Shape sh{s.B, s.T, s.H, s.H, s.T, s.hd, s.T, false};
-  if (auto e = forward_impl<ND>(sh, round_up(s.T, W), pool, q, k, v, nullptr, attn, lse);
+  const Shape sh{s.B, s.T, s.H, s.H, s.T, s.hd, s.T};
+  if (auto e = forward_impl<ND>(sh, round_up(s.T, W), pool, q, k, v, attn, lse);
       e.failure())
     return e;
   for_row_blocks(pool, N, [&](int64_t r0, int64_t rows) {

@@ -2,11 +2,12 @@
 // (XLA:CPU, float32; llama.DecoderLayer in the serving layout):
 //
 //   h = rms(x) g1;  q = rope(h wq), k = rope(h wk), v = h wv          phase A, row blocks
-//   o = softmax(q [ke; k]^T / sqrt(hd) + bias) [ve; v]                 phase B, attention_fwd.h
+//   o = softmax(mask(q [ke; k]^T / sqrt(hd))) [ve; v]                phase B, attention_fwd.h
 //   y = x + o wo;  h = rms(y) g2;  x' = y + (silu(h wg) * (h wu)) wd   phase C, row blocks
 //
 // ke, ve: keys / values before the rows' own (SAISA's visual K/V), read in place.
-// Shapes: x, x' [B, T, d]; cos, sin [B, T, hd]; bias [B, T, K] (K = V + T) or absent;
+// Shapes: x, x' [B, T, d]; cos, sin [B, T, hd]; mask (attention_fwd.h Mask: a bias
+// [B, T, K], int32 [B, T + K] position information, or absent; K = V + T);
 // ke, ve [B, V, Hkv, hd] or absent; wq [d, H hd], wk, wv [d, Hkv hd], wo [H hd, d],
 // wg, wu [d, F], wd [F, d]; g1, g2 [d]. Out: x', and the layer's keys / values, either
 // the prefill's KV cache (slots S > 0: [B, Hkv, hd, S] and [B, Hkv, S, hd], all K
@@ -98,8 +99,8 @@ void ffn_block(const LayerDims& s, const Packed& w, int64_t r0, int64_t rows, co
 // fresh multi-MB allocations page-fault on every call (~0.1 ms a MB here).
 template <int ND>
 ffi::Error layer_impl(const LayerDims& s, const float* const* wts, ffi::ThreadPool& pool,
-                      const float* x, const float* cs, const float* sn, const float* bias,
-                      bool has_bias, int64_t causal_from, const float* ke, const float* ve,
+                      const float* x, const float* cs, const float* sn, const Mask& mask,
+                      int64_t causal_from, const float* ke, const float* ve,
                       float eps, float* out, float* kc, float* vc, int64_t S, float* k_own,
                       float* v_own) {
   thread_local std::vector<float> bw, bq, bk, bv, bo, bl;
@@ -128,8 +129,8 @@ ffi::Error layer_impl(const LayerDims& s, const float* const* wts, ffi::ThreadPo
   });
   float* attn = aligned_scratch(bo, N * qn);
   float* lse = aligned_scratch(bl, s.B * s.H * s.T);
-  const Shape sh{s.B, s.T, s.H, s.Hkv, s.K, s.hd, causal_from, has_bias};
-  if (auto e = forward_impl<ND>(sh, round_up(s.K, W), pool, q, k, v, bias, attn, lse, kc, vc,
+  const Shape sh{s.B, s.T, s.H, s.Hkv, s.K, s.hd, causal_from, mask};
+  if (auto e = forward_impl<ND>(sh, round_up(s.K, W), pool, q, k, v, attn, lse, kc, vc,
                                 S, ke, ve, s.V);
       e.failure())
     return e;
@@ -140,12 +141,12 @@ ffi::Error layer_impl(const LayerDims& s, const float* const* wts, ffi::ThreadPo
 }
 
 ffi::Error Layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> cos,
-                 ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> bias,
+                 ffi::Buffer<ffi::F32> sin, ffi::AnyBuffer mask_op,
                  ffi::Buffer<ffi::F32> ke, ffi::Buffer<ffi::F32> ve, ffi::Buffer<ffi::F32> g1,
                  ffi::Buffer<ffi::F32> wq, ffi::Buffer<ffi::F32> wk, ffi::Buffer<ffi::F32> wv,
                  ffi::Buffer<ffi::F32> wo, ffi::Buffer<ffi::F32> g2, ffi::Buffer<ffi::F32> wg,
                  ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd, float eps,
-                 int64_t causal_from, bool has_bias, bool has_extra, int64_t slots,
+                 int64_t causal_from, int64_t mask_kind, bool has_extra, int64_t slots,
                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
                  ffi::ResultBuffer<ffi::F32> v_out) {
   const auto count = [](const auto& buf, int64_t n) {
@@ -166,7 +167,6 @@ ffi::Error Layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
          count(wv, s.d * s.Hkv * s.hd) && count(wo, s.H * s.hd * s.d) && gd[0] == s.d &&
          count(wu, s.d * s.F) && count(wd, s.F * s.d) && count(g1, s.d) && count(g2, s.d) &&
          s.d % W == 0 && s.F % W == 0 && count(*out, s.B * s.T * s.d) &&
-         (!has_bias || count(bias, s.B * s.T * s.K)) &&
          (!has_extra || (ed[0] == s.B && ed[2] == s.Hkv && ed[3] == s.hd &&
                          ve.element_count() == ke.element_count())) &&
          (slots > 0 ? slots >= s.K && count(*k_out, s.B * s.Hkv * s.hd * slots) &&
@@ -177,16 +177,20 @@ ffi::Error Layer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   if (!ok)
     return ffi::Error::InvalidArgument(
         "cpu decoder_layer: expects x [B, T, d], cos and sin [B, T, hd] (hd a multiple of "
-        "16, <= 256), bias [B, T, K], extra k / v [B, V, Hkv, hd], wq [d, H hd], wk and "
+        "16, <= 256), extra k / v [B, V, Hkv, hd], wq [d, H hd], wk and "
         "wv [d, Hkv hd], wo [H hd, d], wg and wu [d, F], wd [F, d], norms [d] (d and F "
         "multiples of 16), and a cache of >= K slots (see decoder_layer.cc)");
+  Mask mask;
+  if (auto e = read_mask(mask_op, mask_kind, s.B, s.T, s.K, "cpu decoder_layer", &mask);
+      e.failure())
+    return e;
   const float* w[] = {g1.typed_data(), wq.typed_data(), wk.typed_data(),
                       wv.typed_data(), wo.typed_data(), g2.typed_data(),
                       wg.typed_data(), wu.typed_data(), wd.typed_data()};
   const bool cache = slots > 0;
 #define LAYER_ARGS                                                                          \
-  s, w, pool, x.typed_data(), cos.typed_data(), sin.typed_data(), bias.typed_data(),      \
-      has_bias, causal_from, has_extra ? ke.typed_data() : nullptr,                         \
+  s, w, pool, x.typed_data(), cos.typed_data(), sin.typed_data(), mask, causal_from,      \
+      has_extra ? ke.typed_data() : nullptr,                         \
       has_extra ? ve.typed_data() : nullptr, eps, out->typed_data(),                        \
       cache ? k_out->typed_data() : nullptr, cache ? v_out->typed_data() : nullptr, slots, \
       cache ? nullptr : k_out->typed_data(), cache ? nullptr : v_out->typed_data()
@@ -202,7 +206,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaDecoderLayer, Layer,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // cos
                                   .Arg<ffi::Buffer<ffi::F32>>()   // sin
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::AnyBuffer>()          // mask
                                   .Arg<ffi::Buffer<ffi::F32>>()   // ke
                                   .Arg<ffi::Buffer<ffi::F32>>()   // ve
                                   .Arg<ffi::Buffer<ffi::F32>>()   // g1
@@ -216,7 +220,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaDecoderLayer, Layer,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // wd
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("causal_from")
-                                  .Attr<bool>("has_bias")
+                                  .Attr<int64_t>("mask")
                                   .Attr<bool>("has_extra")
                                   .Attr<int64_t>("slots")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // x'
