@@ -113,7 +113,8 @@ def test_causal_skipping_with_a_visible_prefix_equals_the_textbook(prefix, tq):
 
 def _position_mask(b, tq, tk, alignment, seed):
   """masks.attention_mask's arguments at random: keys in random position order, some
-  invalid, some visual; the queries are the first tq keys (saisa: text queries). -> (PositionMask, its bool[B, Q, K] array)."""
+  invalid, some visual; the queries are the first tq keys (saisa: text queries).
+  -> (PositionMask, its bool[B, Q, K] array)."""
   from saisa_jax.models.masks import attention_mask, position_mask
   rng = np.random.default_rng(seed)
   k_pos = np.stack([rng.permutation(tk) for _ in range(b)]).astype(np.int32)

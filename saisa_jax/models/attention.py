@@ -4,9 +4,10 @@ The mask reaches attention as a float32 bias (0 visible, -1e30 hidden) computed 
 per forward from sequence positions (masks.py) and shared by every layer: adding it
 fuses into the softmax, where a boolean select over the broadcast head axes ran ~2x
 slower on XLA:CPU. The kernels (impl "cpu", "flash") take it as a
-masks.PositionMask instead and mask by position themselves. The default implementation works head-major ([B, Hkv, G*Q, D]) so
-both products are plain batched matmuls, and has a hand-written backward (the
-softmax VJP from the saved probabilities), 1.4-3x faster than autodiff on CPU.
+masks.PositionMask instead and mask by position themselves. The default
+implementation works head-major ([B, Hkv, G*Q, D]) so both products are plain batched
+matmuls, and has a hand-written backward (the softmax VJP from the saved
+probabilities), 1.4-3x faster than autodiff on CPU.
 Unblocked attention is the one-block case of the blocked computation below.
 
 Causal block skipping: when the caller promises that the keys from `causal_from` on

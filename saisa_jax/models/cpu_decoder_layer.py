@@ -5,9 +5,10 @@ layout under model.attention=cpu for the rows it runs (text in saisa; [visual; t
 in llava and naavit), decode steps excepted.
 
 Shapes: x float[B, T, d]; cos, sin [B, T, hd] (rope.rope_tables); mask None, a bias
-float32[B, T, K] or a masks.PositionMask (cpu_attention.mask_operand); extra (k, v) float[B, V, Hkv, hd] or None (K = V + T); weights as the layer's
-parameters: norm scales [d], wq [d, H, hd], wk, wv [d, Hkv, hd], wo [H, hd, d], wg, wu
-[d, F], wd [F, d]. Returns x' [B, T, d] and, with slots S, the prefill's KV cache (k
+float32[B, T, K] or a masks.PositionMask (cpu_attention.mask_operand); extra (k, v)
+float[B, V, Hkv, hd] or None (K = V + T); weights as the layer's parameters: norm
+scales [d], wq [d, H, hd], wk, wv [d, Hkv, hd], wo [H, hd, d], wg, wu [d, F], wd [F,
+d]. Returns x' [B, T, d] and, with slots S, the prefill's KV cache (k
 [B, Hkv, hd, S], v [B, Hkv, S, hd], all K keys), else the rows' own k, v [B, T, Hkv, hd].
 The gradient is XLA's (the reference's VJP): training runs the stacked layout.
 """

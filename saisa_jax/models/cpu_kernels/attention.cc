@@ -143,8 +143,8 @@ void backward_unit(const Shape& sh, int64_t Kp, const float* q, const float* k,
 
 template <int ND>
 ffi::Error backward_impl(const Shape& sh, int64_t Kp, ffi::ThreadPool& pool, const float* q,
-                         const float* k, const float* v, const float* o, const float* lse, const float* dout, float* dq, float* dk,
-                         float* dv) {
+                         const float* k, const float* v, const float* o, const float* lse,
+                         const float* dout, float* dq, float* dk, float* dv) {
   parallel_for(pool, sh.B * sh.Hkv, [&](int64_t i) {
     thread_local std::vector<float> buf;
     backward_unit<ND>(sh, Kp, q, k, v, o, lse, dout, dq, dk, dv, i / sh.Hkv,
@@ -230,8 +230,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       e.failure())
     return e;
   DISPATCH(sh.D / W, backward_impl<ND>(sh, round_up(sh.K, W), pool, q.typed_data(),
-                                        k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(), dout.typed_data(),
-                                        dq->typed_data(), dk->typed_data(), dv->typed_data()))
+                                        k.typed_data(), v.typed_data(), o.typed_data(),
+                                        lse.typed_data(), dout.typed_data(), dq->typed_data(),
+                                        dk->typed_data(), dv->typed_data()))
 }
 
 }  // namespace
