@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from saisa_jax import hugepages
+from saisa_jax.tools import host_probe
 
 
 def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
@@ -29,6 +30,11 @@ def test_bench_writes_json_markdown_plot_and_the_summary_lines(tmp_path):
   assert report["meta"]["serve_layout"] == "per_layer"
   assert report["meta"]["train_unroll"] == "full"
   assert report["meta"]["warmup_s"] == 0
+  # The host it ran on (bench runs compare host to host): no torch rate with --notorch.
+  host = report["meta"]["host"]
+  assert host["cpu"] and host["matmul_gflops"]["xla"] > 0
+  assert "torch" not in host["matmul_gflops"]
+  assert host_probe.describe(host) in proc.stdout
   assert report["meta"]["rounds"] == 1 and len(report["summary"]["prefill saisa/llava"]["rounds"]) == 1
   assert list(res) == ["saisa", "llava"]  # --alignments drops naavit; saisa first
   for name, ops in res.items():

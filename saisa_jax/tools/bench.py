@@ -26,8 +26,9 @@ process with the default malloc (faster for it); on an accelerator they all run 
 with the device to themselves. --rounds N benches every stack N times, the order
 reversed each round (on a CPU the peer takes its turn with ours); the table pools the
 rounds' calls, the ratios are taken within each round (bench_rounds.py).
---alignments saisa,llava skips naavit. Writes bench.json, bench.md and bench.png,
-and ends with
+--alignments saisa,llava skips naavit. Writes bench.json, bench.md and bench.png
+(bench.json's meta.host: the CPU, its ISA and one matmul's GFLOP/s in XLA and torch,
+host_probe.py: runs compare host to host), and ends with
 
   LM side (tower features given): prefill saisa/llava R; saisa speedup vs HF Llava S
   prefill saisa/llava: R          (the largest over the presets)
@@ -58,6 +59,7 @@ from saisa_jax import presets
 from saisa_jax.models.build import build
 from saisa_jax.models.layer_layout import for_serving, serving_layout
 from saisa_jax.tools import bench_rounds
+from saisa_jax.tools import host_probe
 from saisa_jax.tools.peaks import peak_tflops
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.step import make_train_step
@@ -454,16 +456,37 @@ def bench_torch(preset: str, batch: int, text: int, decode_steps: int, repeats: 
   return out
 
 
+def peer_env() -> dict:
+  """The environment of a PyTorch child: ours less the hugetlb malloc tunable. The child
+  runs its code directly: no entry point, no re-exec."""
+  env = dict(os.environ)
+  tunables = hugepages.tunables_without_hugepages(env.pop("GLIBC_TUNABLES", None))
+  if tunables:
+    env["GLIBC_TUNABLES"] = tunables
+  return env
+
+
+def probe_host(with_torch: bool) -> dict:
+  """host_probe.py's record: the CPU, its ISA, and one float32 matmul's GFLOP/s in XLA
+  (on the host CPU) and, with the peer, in torch (in a child, as the peer runs)."""
+  probe = {**host_probe.cpu_info(), "matmul_shape": list(host_probe.SHAPE),
+           "matmul_gflops": {}}
+  cpu = host_cpu()
+  if cpu is not None:
+    with jax.default_device(cpu):
+      probe["matmul_gflops"]["xla"] = host_probe.xla_matmul_gflops()
+  if with_torch:
+    probe["matmul_gflops"].update(host_probe.torch_matmul_gflops_process(peer_env()))
+  return probe
+
+
 def bench_torch_process(preset: str, batch: int, text: int, decode_steps: int, repeats: int,
                         train_tower: bool = False, dtype: str = "float32",
                         llm_layers: int = 0) -> dict:
   """bench_torch in its own process, with the malloc settings a PyTorch user has: the
   hugetlb tunable that speeds up XLA:CPU made the HF train step ~19% slower here
   (5.27 -> 6.27 s at smollm2), and the JAX runtime's threads stay out of its way."""
-  env = dict(os.environ)  # the child runs bench_torch directly: no entry point, no re-exec
-  tunables = hugepages.tunables_without_hugepages(env.pop("GLIBC_TUNABLES", None))
-  if tunables:
-    env["GLIBC_TUNABLES"] = tunables
+  env = peer_env()
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "torch.json")
     code = ("import json, sys; from saisa_jax.tools import bench; "
@@ -540,6 +563,9 @@ def _main(argv):
   if _ROUNDS.value < 1:
     raise SystemExit(f"--rounds {_ROUNDS.value}: give 1 or more")
   rounds = _ROUNDS.value
+  # Which host this ran on: bench runs are comparable host to host only (host_probe.py).
+  host = probe_host(_TORCH.value)
+  print("[bench] " + host_probe.describe(host), flush=True)
   runs = {p: {**{a: [] for a in alignments}, **({"hf_llava": []} if _TORCH.value else {})}
           for p in _PRESETS.value}
 
@@ -594,7 +620,7 @@ def _main(argv):
                                          ).llm.num_layers for p in results},
           "batch": _BATCH.value, "text": _TEXT.value,
           "trainable": trainable_pattern(_TRAIN_TOWER.value),
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "host": host,
           "visual": {p: (PRESETS[p][1]["image_size"] // PRESETS[p][1]["patch_size"]) ** 2
                      for p in results}}
   # Ratios within each round, the worst preset's, then their median (bench_rounds.py).
@@ -606,6 +632,7 @@ def _main(argv):
     f.write(table + "\n")
   plot(results, os.path.join(_OUT.value, "bench.png"))
   print(table)
+  print(host_probe.describe(host))
   for preset, by_model in results.items():
     if by_model["saisa"]["train_step"].get("mfu"):
       print(f"{preset} on {kind}: train-step MFU " + ", ".join(
