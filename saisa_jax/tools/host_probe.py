@@ -43,6 +43,15 @@ def cpu_info(text: str | None = None) -> dict:
   return {"cpu": name, "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
+def _cpus() -> int:
+  """CPUs this process may run on (as saisa-bench's usable_cpus; not every OS has an
+  affinity mask)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
 def _rate(call, shape, min_s: float) -> float:
   """GFLOP/s of `call()` (one [m, k] x [k, n] matmul, blocked on): the median of
   batches of calls after a warm-up."""
@@ -72,7 +81,7 @@ def xla_matmul_gflops(shape=SHAPE, min_s: float = 0.5) -> float:
 def torch_matmul_gflops(shape=SHAPE, min_s: float = 0.5, threads: int | None = None) -> float:
   """float32 matmul rate of torch on the CPU with `threads` (default: the usable CPUs)."""
   import torch
-  torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+  torch.set_num_threads(threads or _cpus())
   m, k, n = shape
   g = torch.Generator().manual_seed(0)
   a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
@@ -86,7 +95,7 @@ def torch_onednn_matmul_gflops(shape=SHAPE, min_s: float = 0.5,
   on the AMD host above ran at under half of oneDNN's rate)."""
   import torch
   from torch.utils import mkldnn
-  torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+  torch.set_num_threads(threads or _cpus())
   m, k, n = shape
   g = torch.Generator().manual_seed(0)
   linear = torch.nn.Linear(k, n, bias=False)
