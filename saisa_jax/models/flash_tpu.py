@@ -36,23 +36,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from saisa_jax.models.masks import HIDDEN_POS, PositionMask, full_mask
+from saisa_jax.models.masks import HIDDEN_POS, PositionMask, full_mask, visible
 
 NEG = -1e30           # running-max start; masked scores never enter the sums
 
 
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
-
-
-def _tile_visible(qi, ki, naavit: bool):
-  """qi int32[bq, 1], ki int32[1, bk] -> bool[bq, bk]."""
-  q_pos, k_pos = qi >> 1, ki >> 1
-  vis = k_pos <= q_pos
-  if naavit:
-    both = ((qi & 1) == 1) & ((ki & 1) == 1)
-    vis = vis & ~(both & (k_pos != q_pos))
-  return vis
 
 
 def _dot_t(a, b):
@@ -80,7 +70,7 @@ def _fwd_kernel(qmax_ref, kmin_ref, fetch_ref, q_ref, k_ref, v_ref, qi_ref, ki_r
 
   @pl.when(kmin_ref[b * nk + j] <= qmax_ref[b * nq + i])
   def _tile():
-    vis = _tile_visible(qi_ref[...], ki_ref[...], naavit)
+    vis = visible(qi_ref[...], ki_ref[...], naavit)
     s = _dot_t(q_ref[...], k_ref[...]) * scale
     s = jnp.where(vis, s, NEG)
     m_prev = m_sc[...]
@@ -191,7 +181,7 @@ def _forward(q, k, v, qi, ki, qmax, kmin, naavit, bq, bk, interpret):
 def _tile_grads(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qi_ref, ki_ref,
                 scale, naavit):
   """-> (p float32[bq, bk], ds float32[bq, bk]) of one tile: dS = P * (dO.V^T - delta)."""
-  vis = _tile_visible(qi_ref[...], ki_ref[...], naavit)
+  vis = visible(qi_ref[...], ki_ref[...], naavit)
   s = _dot_t(q_ref[...], k_ref[...]) * scale
   p = jnp.where(vis, jnp.exp(s - lse_ref[...]), 0.0)
   dp = _dot_t(do_ref[...], v_ref[...])

@@ -57,13 +57,20 @@ def position_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment: str) -> 
   return PositionMask(q_info, k_info, alignment == "naavit")
 
 
+def visible(qi, ki, naavit: bool):
+  """attention_mask's rule on position information: int32 q_info and k_info broadcast
+  against each other (a [bq, 1] and a [1, bk] tile in flash_tpu.py's kernels) -> bool."""
+  q_pos, k_pos = qi >> 1, ki >> 1
+  vis = k_pos <= q_pos
+  if naavit:
+    both = ((qi & 1) == 1) & ((ki & 1) == 1)
+    vis = vis & ~(both & (k_pos != q_pos))
+  return vis
+
+
 def position_mask_array(mask: PositionMask):
   """PositionMask -> bool[B, Q, K], attention_mask's array (for XLA references)."""
-  qi, ki = mask.q_info[:, :, None], mask.k_info[:, None, :]
-  seen = (ki >> 1) <= (qi >> 1)
-  if mask.naavit:
-    seen = seen & ~(((qi & 1) == 1) & ((ki & 1) == 1) & (ki != qi))
-  return seen
+  return visible(mask.q_info[:, :, None], mask.k_info[:, None, :], mask.naavit)
 
 
 def full_mask(b: int, tq: int, tk: int) -> PositionMask:

@@ -60,6 +60,7 @@ from saisa_jax.models.build import build
 from saisa_jax.models.layer_layout import for_serving, serving_layout
 from saisa_jax.tools import bench_rounds
 from saisa_jax.tools import host_probe
+from saisa_jax.tools.host_probe import usable_cpus
 from saisa_jax.tools.peaks import peak_tflops
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.step import make_train_step
@@ -212,15 +213,6 @@ def timed(fn, repeats: int, warmup: int = 2, setup=None, sync=None) -> dict:
     call()
     times.append(1000 * (time.perf_counter() - t))
   return {**bench_rounds.summarize(times), "calls": times}
-
-
-def usable_cpus() -> int:
-  """CPUs this process may run on (`taskset -c 0 saisa-bench ...` benches one core;
-  XLA sizes its thread pool the same way)."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # not on Linux
-    return os.cpu_count() or 1
 
 
 def host_cpu():

@@ -43,9 +43,9 @@ def cpu_info(text: str | None = None) -> dict:
   return {"cpu": name, "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
-def _cpus() -> int:
-  """CPUs this process may run on (as saisa-bench's usable_cpus; not every OS has an
-  affinity mask)."""
+def usable_cpus() -> int:
+  """CPUs this process may run on (`taskset -c 0 saisa-bench ...` benches one core;
+  XLA sizes its thread pool the same way)."""
   try:
     return len(os.sched_getaffinity(0))
   except AttributeError:
@@ -81,7 +81,7 @@ def xla_matmul_gflops(shape=SHAPE, min_s: float = 0.5) -> float:
 def torch_matmul_gflops(shape=SHAPE, min_s: float = 0.5, threads: int | None = None) -> float:
   """float32 matmul rate of torch on the CPU with `threads` (default: the usable CPUs)."""
   import torch
-  torch.set_num_threads(threads or _cpus())
+  torch.set_num_threads(threads or usable_cpus())
   m, k, n = shape
   g = torch.Generator().manual_seed(0)
   a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
@@ -95,7 +95,7 @@ def torch_onednn_matmul_gflops(shape=SHAPE, min_s: float = 0.5,
   on the AMD host above ran at under half of oneDNN's rate)."""
   import torch
   from torch.utils import mkldnn
-  torch.set_num_threads(threads or _cpus())
+  torch.set_num_threads(threads or usable_cpus())
   m, k, n = shape
   g = torch.Generator().manual_seed(0)
   linear = torch.nn.Linear(k, n, bias=False)
