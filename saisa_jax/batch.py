@@ -92,3 +92,24 @@ def collate(samples: Sequence[dict], max_len: int, max_images: int,
         out.setdefault(key, np.zeros((b, max_len), np.int32 if key == "targets" else np.float32))
         out[key][i, :n] = s[key]
   return out
+
+
+def pad_length(batch: dict, length: int, pad_id: int = 0) -> dict:
+  """A collated batch padded along L to `length` as `collate` would have padded it
+  (hosts agree on one length for a global batch)."""
+  L = batch["tokens"].shape[1]
+  if length == L:
+    return batch
+  extra = length - L
+  out = dict(batch)
+  out["tokens"] = np.pad(batch["tokens"], ((0, 0), (0, extra)), constant_values=pad_id)
+  n = batch["text_mask"].sum(1)
+  last = np.where(n > 0, np.take_along_axis(batch["positions"], np.maximum(n - 1, 0)[:, None],
+                                            1)[:, 0] + 1, 0)
+  out["positions"] = (last[:, None] + np.arange(length)[None] - n[:, None]).astype(np.int32)
+  real = np.arange(length)[None] < n[:, None]
+  out["positions"][:, :L] = np.where(real[:, :L], batch["positions"], out["positions"][:, :L])
+  for key in ("text_mask", "targets", "loss_mask"):
+    if key in batch:
+      out[key] = np.pad(batch[key], ((0, 0), (0, extra)))
+  return out

@@ -1,13 +1,18 @@
 """The grain input pipeline: records -> fixed-shape batches (batch.py layout).
 
-  source[shard_index::shard_count] -> shuffle(seed, reshuffled per epoch) -> repeat
-  -> map(record -> packed sample, or a skip marker) -> read threads
+  source -> shuffle(seed, reshuffled per epoch) -> repeat -> deal to this host
+  -> [start:] -> map(record -> packed sample, or a skip marker) -> read threads
   -> bucket batch (drops skip markers, counts them per kind) -> worker processes
   -> DataIterator (sums the skip counts, saves/restores the position)
 
+The global record order does not depend on the number of hosts: the stream is cut into
+blocks of `batch_size // shard_count` records dealt round-robin, so global batch t is
+records [t B, (t + 1) B) whatever the host count (as long as no record is skipped), and
+a run can resume on another host count (`elastic_start`).
+
 Batches hold `batch_size // shard_count` samples, L = the smallest of
-data.len_buckets that fits the longest sample (few shapes, few recompiles), and
-N = data.max_images image slots.
+data.len_buckets that fits the longest sample (few shapes, few recompiles; the trainer
+makes the hosts agree on it), and N = data.max_images image slots.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from saisa_jax.data.records import KINDS, BadExample
 from saisa_jax.data.tokenizer import load_tokenizer
 
 SKIP_KEY = "_skipped"   # int64[len(KINDS)] in each batch: skips since the last batch
+RECORDS_KEY = "_records"  # int64 in each batch: records read for it (samples + skips)
 _BAD_KEY = "_bad"
 
 
@@ -109,6 +115,7 @@ class _BucketBatchIterator(grain.DatasetIterator):
     length = bucket_length(max(len(s["tokens"]) for s in samples), self.buckets)
     batch = collate(samples, length, self.n, self.shape, self.pad_id)
     batch[SKIP_KEY] = skipped
+    batch[RECORDS_KEY] = np.int64(len(samples) + skipped.sum())
     return batch
 
   # Nothing is buffered between batches: the parent's position is the whole state.
@@ -127,9 +134,10 @@ class DataIterator:
   works with this object, or json.dumps(it.get_state())).
   """
 
-  def __init__(self, dataset: grain.IterDataset):
+  def __init__(self, dataset: grain.IterDataset, start: int = 0):
     self._it = iter(dataset)
     self._skipped = np.zeros(len(KINDS), np.int64)
+    self.position = int(start)  # records of this host's stream read so far
 
   def __iter__(self):
     return self
@@ -141,7 +149,13 @@ class DataIterator:
       self.close()
       raise
     self._skipped += batch.pop(SKIP_KEY)
+    self.position += int(batch.pop(RECORDS_KEY))
     return batch
+
+  @property
+  def skipped_counts(self) -> list[int]:
+    """Skipped examples so far, one count per kind of records.KINDS."""
+    return self._skipped.tolist()
 
   @property
   def skipped(self) -> dict[str, int]:
@@ -149,11 +163,16 @@ class DataIterator:
     return {k: int(c) for k, c in zip(KINDS, self._skipped) if c}
 
   def get_state(self) -> dict:
-    return {"grain": self._it.get_state(), "skipped": self._skipped.tolist()}
+    return {"grain": self._it.get_state(), "skipped": self._skipped.tolist(),
+            "position": self.position}
 
   def set_state(self, state: dict) -> None:
     self._it.set_state(state["grain"])
     self._skipped = np.asarray(state["skipped"], np.int64)
+    self.position = int(state.get("position", 0))
+
+  def set_skipped(self, skipped) -> None:
+    self._skipped = np.asarray(skipped, np.int64)
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
@@ -172,8 +191,49 @@ def _shard(data) -> tuple[int, int]:
   return index, count
 
 
+class _Dealt(grain.MapDataset):
+  """Host `index` of `count`'s share of a stream dealt in blocks of `block` records:
+  local record k is global record (k // block) * block * count + index * block + k % block."""
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int):
+    super().__init__(parent)
+    self.index, self.count, self.block = index, count, block
+
+  def __len__(self) -> int:
+    return dealt_length(len(self._parent), self.index, self.count, self.block)
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return self.slice(k)
+    g = (k // self.block) * self.block * self.count + self.index * self.block + k % self.block
+    return self._parent[g]
+
+  def __str__(self) -> str:
+    return f"Dealt(index={self.index}, count={self.count}, block={self.block})"
+
+
+def dealt_length(n: int, index: int, count: int, block: int) -> int:
+  """How many of the first `n` global records fall to host `index` (see _Dealt)."""
+  full, rem = divmod(n, block * count)
+  return full * block + min(max(rem - index * block, 0), block)
+
+
+def elastic_start(positions, block: int, index: int, count: int, new_block: int) -> int:
+  """Where host `index` of `count` starts reading after a run whose hosts (len(positions)
+  of them, dealt in blocks of `block`) had read `positions` records each.
+
+  The run resumes at the global record after the furthest one any host read. Without
+  skipped records every host read the same amount and this is exactly where the
+  uninterrupted run would go on; with skips, the records that lagging hosts had not yet
+  reached before that point are not seen in this epoch (none is seen twice)."""
+  old = len(positions)
+  ends = [(p - 1) // block * block * old + i * block + (p - 1) % block + 1 if p else 0
+          for i, p in enumerate(positions)]
+  return dealt_length(max(ends), index, count, new_block)
+
+
 def make_dataset(config, *, source=None, num_epochs="config", shuffle=None,
-                 drop_remainder=True) -> grain.IterDataset:
+                 drop_remainder=True, start: int = 0) -> grain.IterDataset:
   """The batched grain dataset for a full config (or a bare data section)."""
   data = config.data if "data" in config else config
   image_size, num_visual = resolve_vision(config)
@@ -186,11 +246,14 @@ def make_dataset(config, *, source=None, num_epochs="config", shuffle=None,
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
   ds = grain.MapDataset.source(source if source is not None else make_source(data))
-  ds = ds[index::count]
   if data.shuffle if shuffle is None else shuffle:
     ds = ds.shuffle(seed=data.seed)
   epochs = data.num_epochs if num_epochs == "config" else num_epochs
   ds = ds.repeat(epochs) if epochs != 1 else ds
+  if count > 1:
+    ds = _Dealt(ds, index, count, data.batch_size // count)
+  if start:
+    ds = ds[start:]
   ds = ds.map(ToSample(spec, data.on_bad_example))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                             prefetch_buffer_size=4 * data.batch_size))
@@ -208,4 +271,9 @@ def make_dataset(config, *, source=None, num_epochs="config", shuffle=None,
 
 def make_iterator(config, **kwargs) -> DataIterator:
   """Training batches for this host: the entry point for the trainer."""
-  return DataIterator(make_dataset(config, **kwargs))
+  it = DataIterator(make_dataset(config, **kwargs), kwargs.get("start", 0))
+  data = config.data if "data" in config else config
+  tok = load_tokenizer(data.tokenizer)
+  it.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+  it.block = data.batch_size // _shard(data)[1]  # records per host per global batch
+  return it

@@ -6,6 +6,11 @@
 The model (its sizes, tokenizer, template, image preprocessing) comes from the
 checkpoint's config.json; the eval sets and generation settings from --config.
 Writes DIR/eval/<set>.jsonl, the benchmark answer files and DIR/eval/results.json.
+
+The params are placed on the mesh of --config (config.mesh; default: data over every
+device) by the model's logical rules. On several processes (a pod, or
+launch/local_pod.py) every process runs this same command: the items are split over
+them and process 0 writes the files.
 """
 from __future__ import annotations
 
@@ -15,11 +20,15 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+import jax
 import ml_collections
 
-from saisa_jax import hugepages
+from saisa_jax import distributed, hugepages
 from saisa_jax.eval.runner import evaluate, format_table
+from saisa_jax.models.build import build
 from saisa_jax.train import checkpoint as ckpt_lib
+from saisa_jax.train.mesh import make_mesh, rules_from_config
+from saisa_jax.train.state import sharded_abstract_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config with eval sets.",
                                           lock_config=True)
@@ -34,6 +43,8 @@ def eval_config(config, model_config) -> ml_collections.ConfigDict:
   out.eval = ml_collections.ConfigDict(config.eval.to_dict())
   if "train" in config:
     out.train = ml_collections.ConfigDict(config.train.to_dict())
+  if "mesh" in config:
+    out.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
   return out
 
 
@@ -46,6 +57,7 @@ def _main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
   config = _CONFIG.value
+  distributed.initialize(bool(config.get("train", {}).get("distributed", False)))
   workdir = _WORKDIR.value or _CHECKPOINT.value
   if not workdir:
     sys.exit("saisa-eval: give --workdir (and/or --checkpoint)")
@@ -54,10 +66,16 @@ def _main(argv):
     config = prepare_embedded(config)
   model_dir = ckpt_lib.resolve_model_dir(_CHECKPOINT.value or workdir)
   full = eval_config(config, ckpt_lib.load_config(model_dir))
-  params = ckpt_lib.load_params(model_dir)
-  print(f"saisa-eval: {full.model.alignment} model from {model_dir}", flush=True)
-  results = evaluate(full, params, os.path.join(os.path.abspath(workdir), "eval"))
-  print(format_table(results), flush=True)
+  mesh_cfg = full.get("mesh") or ml_collections.ConfigDict(dict(shape=dict(data=-1), rules=()))
+  mesh, rules = make_mesh(mesh_cfg.shape.to_dict()), rules_from_config(mesh_cfg.get("rules"))
+  model, cfg = build(full.model)
+  params = ckpt_lib.load_params(model_dir, sharded_abstract_params(model, cfg, mesh, rules))
+  print(f"saisa-eval: {full.model.alignment} model from {model_dir}, mesh "
+        f"{dict(mesh.shape)}, {jax.process_count()} process(es)", flush=True)
+  results = evaluate(full, params, os.path.join(os.path.abspath(workdir), "eval"), model=model,
+                     mesh=mesh, rules=rules)
+  if distributed.is_primary():
+    print(format_table(results), flush=True)
 
 
 if __name__ == "__main__":

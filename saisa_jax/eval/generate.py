@@ -4,18 +4,28 @@ Prompts are segment lists (text ids and images, see batch.pack_sample). A batch 
 padded to fixed shapes, so one compilation serves every batch of the same size. In
 saisa mode the cache's visual slots come from the batched visual pass, so every decode
 step costs text only; llava / naavit cache the visual rows' keys like any other.
+
+Under a mesh (`mesh=`, several devices or processes) the params stay sharded as the
+logical rules place them, each global batch is split over the processes (each packs
+only its own rows' prompts) and the new ids are gathered, so every process returns all
+outputs while each prompt is generated once.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Sequence
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saisa_jax import distributed
 from saisa_jax.batch import collate, pack_sample
 from saisa_jax.models.layer_layout import for_serving
+
+_CALLS = itertools.count()  # names the hosts' agreements of each generate() call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,28 +55,63 @@ class Generator:
   """Holds the jitted prefill / decode of one model (compiled once per shape), in the
   layer layout model.serve_layout names (layer_layout.for_serving: per layer on CPU)."""
 
-  def __init__(self, model, params):
+  def __init__(self, model, params, mesh=None, rules=None):
+    self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+    if self.mesh is not None:  # sharded arrays keep the layout they were trained in
+      model = model.clone(cfg=dataclasses.replace(model.cfg, serve_layout="stacked"))
     model, params = for_serving(model, params)
     self.model, self.params = model, params
-    self._prefill = jax.jit(lambda p, b, size: model.apply({"params": p}, b, size,
-                                                           method=model.prefill),
-                            static_argnums=2)
-    self._decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c,
-                                                       method=model.decode_step),
-                           donate_argnums=2)
+    prefill = jax.jit(lambda p, b, size: model.apply({"params": p}, b, size,
+                                                     method=model.prefill),
+                      static_argnums=2)
+    decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c,
+                                                 method=model.decode_step),
+                     donate_argnums=2)
+    if self.mesh is not None:
+      from saisa_jax.train.mesh import InMesh
+      prefill, decode = InMesh(prefill, self.mesh, rules), InMesh(decode, self.mesh, rules)
+    self._prefill, self._decode = prefill, decode
+
+  @property
+  def batch_shards(self) -> int:
+    """How many parts the batch axis is split into (a global batch is a multiple)."""
+    if self.mesh is None:
+      return 1
+    return int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+
+  def _to_device(self, batch: dict) -> dict:
+    if self.mesh is None:
+      return {k: jnp.asarray(v) for k, v in batch.items()}
+    from saisa_jax.train.mesh import batch_sharding
+    return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, np.ndim(v)),
+                                                       np.asarray(v))
+            for k, v in batch.items()}
+
+  def _to_host(self, x) -> np.ndarray:
+    """A (global) array -> numpy on every process."""
+    if self.mesh is None or x.is_fully_addressable:
+      return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   def run_batch(self, batch: dict, max_new_tokens: int, sampling: SamplingConfig,
                 eos_ids: Sequence[int], rng, keep_logits: bool = False):
     """batch (numpy, batch layout) -> (new ids int[B, steps], logits [B, steps, V] | None).
 
-    Stops early once every row has produced an EOS."""
+    Under a mesh `batch` is this process's rows of the global batch and the results
+    are the global batch's. Stops early once every row has produced an EOS."""
     size = int(batch["tokens"].shape[1] + batch["image_slots"].shape[1] *
                self.model.cfg.num_visual + max_new_tokens)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    batch = self._to_device(batch)
     logits, cache = self._prefill(self.params, batch, size)
-    eos = jnp.asarray(sorted(set(int(e) for e in eos_ids)) or [-1])
+    eos = np.asarray(sorted(set(int(e) for e in eos_ids)) or [-1])
     done = jnp.zeros(logits.shape[0], bool)
     tokens, all_logits = [], []
+    if self.mesh is not None:  # one replicated key on every process's devices
+      from jax.sharding import NamedSharding, PartitionSpec
+      data = np.asarray(jax.random.key_data(rng))
+      rng = jax.random.wrap_key_data(jax.make_array_from_process_local_data(
+          NamedSharding(self.mesh, PartitionSpec()), data, data.shape))
     for i in range(max_new_tokens):
       rng, key = jax.random.split(rng)
       nxt = sample_token(logits, key, sampling.temperature, sampling.top_p)
@@ -77,28 +122,46 @@ class Generator:
       if i + 1 == max_new_tokens or (i % 8 == 7 and bool(jnp.all(done))):
         break
       logits, cache = self._decode(self.params, nxt, cache)
-    ids = np.asarray(jnp.stack(tokens, axis=1))
-    return ids, (np.asarray(jnp.stack(all_logits, axis=1)) if keep_logits else None)
+    ids = self._to_host(jnp.stack(tokens, axis=1))
+    return ids, (self._to_host(jnp.stack(all_logits, axis=1)) if keep_logits else None)
+
+
+def process_rows(n: int, batch_size: int, index: int = 0, count: int = 1) -> list[list[int]]:
+  """The prompt indices process `index` of `count` packs for each global batch: batch k
+  is prompts [k B, (k + 1) B) (the last one padded with prompt n - 1: one compilation),
+  each process taking a contiguous B / count of its rows, as the mesh shards them."""
+  per = batch_size // count
+  return [[min(k + index * per + j, n - 1) for j in range(per)]
+          for k in range(0, n, batch_size)]
 
 
 def generate(model, params, prompts: Sequence[list], *, num_visual: int, image_size: int,
              sampling: SamplingConfig, eos_ids: Sequence[int], pad_id: int = 0,
              batch_size: int = 64, max_images: int | None = None, blind: bool = False,
-             generator: Generator | None = None) -> list[list[int]]:
-  """Prompts (segment lists) -> new ids per prompt, up to and excluding the first EOS.
-  `blind` hides every image (image_slots -1), for image-blind controls."""
-  samples = [pack_sample(p, num_visual) for p in prompts]
-  max_len = max(len(s["tokens"]) for s in samples)
-  n_img = max_images if max_images is not None else max(len(s["images"]) for s in samples)
-  gen = generator or Generator(model, params)
+             generator: Generator | None = None, mesh=None, rules=None) -> list[list[int]]:
+  """Prompts (segment lists; a lazy sequence is fine: only this process's rows are
+  read) -> new ids per prompt, up to and excluding the first EOS. `blind` hides every
+  image (image_slots -1), for image-blind controls."""
+  gen = generator or Generator(model, params, mesh, rules)
+  shards = gen.batch_shards
+  batch_size = -(-batch_size // shards) * shards  # every device gets as many rows
+  count = jax.process_count() if gen.mesh is not None else 1
+  index = jax.process_index() if gen.mesh is not None else 0
+  rows = process_rows(len(prompts), batch_size, index, count)
+  samples = {i: pack_sample(prompts[i], num_visual) for i in sorted(set(sum(rows, [])))}
+  call = next(_CALLS)
+  max_len = distributed.agree_max(f"gen/{call}/len",
+                                  max(len(s["tokens"]) for s in samples.values()))
+  n_img = max_images if max_images is not None else distributed.agree_max(
+      f"gen/{call}/images", max(len(s["images"]) for s in samples.values()))
   eos = set(int(e) for e in eos_ids)
   rng = jax.random.key(sampling.seed)
   outputs: list[list[int]] = []
-  for start in range(0, len(samples), batch_size):
-    chunk = samples[start:start + batch_size]
-    real = len(chunk)
-    chunk = chunk + [chunk[-1]] * (batch_size - real)  # fixed batch: one compilation
-    batch = collate(chunk, max_len, n_img, (image_size, image_size), pad_id)
+  for k, mine in enumerate(rows):
+    start = k * batch_size
+    real = min(batch_size, len(prompts) - start)
+    batch = collate([samples[i] for i in mine], max_len, n_img, (image_size, image_size),
+                    pad_id)
     if blind:
       batch["image_slots"][:] = -1
     rng, key = jax.random.split(rng)

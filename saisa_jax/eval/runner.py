@@ -6,6 +6,9 @@ max_items; see saisa_jax/eval/benchmarks). Writes, under OUT (WORKDIR/eval):
   <name>/...            the benchmark's own answer files (LLaVA scripts, lmms-eval)
   results.json          {set name: scores}
 The trainer's final eval and saisa-eval both call `evaluate`, so they agree.
+Under a mesh of several processes each item is generated once (its prompt built by the
+process that holds its row), the predictions reach every process, and process 0
+writes the files.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import os
 import time
 
+from saisa_jax import distributed
 from saisa_jax.data import images as images_lib
 from saisa_jax.data.config import resolve_vision
 from saisa_jax.data.examples import prompt_segments
@@ -46,8 +50,22 @@ def item_prompt(item, config, tokenizer, image_size: int) -> list:
                          data.get("system_prompt"))
 
 
-def evaluate(config, params, out_dir: str, model=None) -> dict:
-  """Every set in config.eval.sets; returns {name: scores} (also in results.json)."""
+class _Prompts:
+  """The items' prompts, built when read (generate reads only this process's rows)."""
+
+  def __init__(self, items, config, tok, image_size):
+    self.items, self.args = items, (config, tok, image_size)
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    return item_prompt(self.items[i], *self.args)
+
+
+def evaluate(config, params, out_dir: str, model=None, mesh=None, rules=None) -> dict:
+  """Every set in config.eval.sets; returns {name: scores} (also in results.json).
+  `mesh` / `rules`: the mesh `params` are sharded over and the logical rules."""
   if model is None:
     model, _ = build(config.model)
   image_size, num_visual = resolve_vision(config)
@@ -59,7 +77,9 @@ def evaluate(config, params, out_dir: str, model=None) -> dict:
   eos = [tok.eos_token_id] + [i for i in [tok.convert_tokens_to_ids("<|end_of_text|>")]
                               if isinstance(i, int) and i != tok.unk_token_id]
   generator = None  # built once the first set has loaded: bad eval files fail first
-  os.makedirs(out_dir, exist_ok=True)
+  primary = distributed.is_primary()
+  if primary:
+    os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "results.json")
   results = json.load(open(path)) if os.path.exists(path) else {}
   for name, spec in ev.sets.items():
@@ -68,8 +88,8 @@ def evaluate(config, params, out_dir: str, model=None) -> dict:
     bench = get_benchmark(spec["kind"])
     t0 = time.time()
     items = bench.load(spec)
-    generator = generator or Generator(model, params)
-    prompts = [item_prompt(it, config, tok, image_size) for it in items]
+    generator = generator or Generator(model, params, mesh, rules)
+    prompts = _Prompts(items, config, tok, image_size)
     outputs = generate(model, params, prompts, num_visual=num_visual, image_size=image_size,
                        sampling=sampling, eos_ids=eos, pad_id=tok.pad_token_id or 0,
                        batch_size=ev.batch_size, blind=bool(config.train.get("blind", False))
@@ -77,6 +97,9 @@ def evaluate(config, params, out_dir: str, model=None) -> dict:
     predictions = {it.id: tok.decode(ids, skip_special_tokens=True).strip()
                    for it, ids in zip(items, outputs)}
     scores = bench.score(items, predictions)
+    results[name] = scores
+    if not primary:
+      continue
     bench.write_answers(items, predictions, os.path.join(out_dir, name))
     with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
       for it in items:
@@ -84,10 +107,10 @@ def evaluate(config, params, out_dir: str, model=None) -> dict:
                             "answers": it.answers, "meta": {k: v for k, v in it.meta.items()
                                                             if k != "history"}},
                            default=str) + "\n")
-    results[name] = scores
     print(f"[eval] {name}: {len(items)} items in {time.time() - t0:.0f} s", flush=True)
-  with open(path, "w") as f:
-    json.dump(results, f, indent=1)
+  if primary:
+    with open(path, "w") as f:
+      json.dump(results, f, indent=1)
   return results
 
 

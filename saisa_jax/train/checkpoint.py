@@ -1,10 +1,11 @@
 """Orbax checkpoints.
 
 Training (`Checkpoints`): one CheckpointManager under WORKDIR/checkpoints holding, per
-step, the train state (sharded arrays, async), this host's data-iterator state (one
-JSON per process, through grain's handler) and the config; keep N, every K steps, and
-on demand (SIGTERM). Resume restores all three, so the next batch is the one that
-would have come.
+step, the train state (sharded arrays, async, every process writes its shards), each
+host's data-iterator state (one JSON per process, through grain's handler), every
+host's read position gathered into one JSON (`positions`: what lets a run resume on
+another process count) and the config; keep N, every K steps, and on demand (SIGTERM).
+Resume restores them, so the next batch is the one that would have come.
 
 Models (`save_model` / `load_params`): DIR/params (orbax) + DIR/config.json, the
 format saisa-import writes and saisa-train (init_from) / saisa-eval read. A training
@@ -18,8 +19,11 @@ import os
 
 import grain
 import jax
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
+
+from saisa_jax import distributed
 
 
 class _IteratorState:
@@ -47,23 +51,40 @@ class Checkpoints:
                                              enable_async_checkpointing=async_save, create=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
+                       "positions": ocp.JsonCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator, config, force: bool = False) -> bool:
+    if not (force or self.manager.should_save(step)):
+      return False
     args = {"state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort()))}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))
-    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+      rows = distributed.allgather_ints(f"positions/{self.directory}/{step}",
+                                        [data_iterator.position, *data_iterator.skipped_counts])
+      args["positions"] = ocp.args.JsonSave({
+          "num_processes": len(rows), "block": int(data_iterator.block),
+          "positions": [r[0] for r in rows], "skipped": [r[1:] for r in rows]})
+    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=True)
     if saved:
       logging.info("checkpoint at step %d -> %s", step, self.directory)
     return saved
 
+  def positions(self, step: int) -> dict | None:
+    """The hosts' read positions saved at `step` (None for checkpoints older than them)."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          positions=ocp.args.JsonRestore()))["positions"]
+    except Exception:  # noqa: BLE001 (orbax raises several kinds for a missing item)
+      return None
+
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the state onto the shardings carried by `abstract_state`."""
+    """Restores the state onto the shardings carried by `abstract_state` (any mesh, any
+    process count), and `data_iterator`'s state if given (same process count only)."""
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))
@@ -123,8 +144,13 @@ def resolve_model_dir(path: str) -> str:
 
 
 def load_params(directory: str, abstract_params=None):
-  """-> params; `abstract_params` (ShapeDtypeStructs with shardings) places them."""
+  """-> params; `abstract_params` (ShapeDtypeStructs with shardings) places them on
+  any mesh. Without it: host numpy arrays, whatever mesh and process count wrote them."""
   directory = resolve_model_dir(directory)
-  ckpt = ocp.StandardCheckpointer()
   target = os.path.join(directory, "params")
-  return ckpt.restore(target, abstract_params) if abstract_params is not None else ckpt.restore(target)
+  if abstract_params is not None:
+    return ocp.StandardCheckpointer().restore(target, abstract_params)
+  ckpt = ocp.PyTreeCheckpointer()
+  meta = ckpt.metadata(target).item_metadata.tree
+  args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), meta)
+  return ckpt.restore(target, args=ocp.args.PyTreeRestore(restore_args=args))

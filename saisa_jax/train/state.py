@@ -64,3 +64,11 @@ def init_state(model, cfg, tx, shardings, rng, params=None):
   if params is not None:
     params = jax.device_put(params, shardings["params"])
   return jax.jit(create, out_shardings=shardings)(rng, params)
+
+
+def sharded_abstract_params(model, cfg, mesh, rules):
+  """Params as ShapeDtypeStructs carrying the shardings the logical rules give them on
+  `mesh`: the target that places a loaded model (load_params) across the devices."""
+  boxed = abstract_params(model, cfg)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed), logical_shardings(boxed, mesh, rules))

@@ -8,6 +8,11 @@ WORKDIR/model                the final model (saisa-eval, saisa-export read it)
 WORKDIR/metrics.jsonl, tensorboard/, curves.png, eval/results.json
 Rerunning the same command resumes from the latest checkpoint; finished stages are
 skipped. SIGTERM (preemption) saves a checkpoint and exits with code 143.
+
+Several processes (a pod: one per host, launch/local_pod.py to rehearse) run the same
+command and form one mesh. The state stays sharded from init to the final model: every
+process saves its shards, stage 2 starts from stage 1's arrays as they lie, the eval
+runs under the same mesh, and only process 0 writes metrics, curves and results.
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saisa_jax import hugepages
-from saisa_jax.data.pipeline import make_iterator
+from saisa_jax import distributed, hugepages
+from saisa_jax.batch import pad_length
+from saisa_jax.data.pipeline import elastic_start, make_iterator
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
 from saisa_jax.train import checkpoint as ckpt_lib
@@ -39,25 +45,45 @@ from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.stages import stage_config, stage_names
 from saisa_jax.train.state import abstract_params, init_state, state_shardings
 from saisa_jax.train.step import TRAIN_KEYS, make_train_step
+from saisa_jax.train.workdir_binding import check_and_bind
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and models go.")
 
 
 class _Preempted:
-  """SIGTERM sets a flag; the loop saves and exits between steps."""
+  """Whether to save and stop after the current step.
+
+  One process: SIGTERM sets a flag. Several: the signal reaches the hosts at different
+  steps, so they must agree on which step to stop at or they would wait on each other
+  in a collective. JAX's preemption service (started by jax.distributed) catches
+  SIGTERM on any host and names a step every host reaches; `check` is True there."""
 
   def __init__(self):
     self.flag = False
-    signal.signal(signal.SIGTERM, self._handler)
+    self.multi = jax.process_count() > 1
+    if not self.multi:
+      signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, *_):
     logging.warning("SIGTERM: saving a checkpoint and stopping")
     self.flag = True
 
+  def check(self, step: int) -> bool:
+    """Called once after every step, by every process; read the answer once."""
+    if self.multi and not self.flag:
+      from jax.experimental import multihost_utils
+      self.flag = multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
 
-def to_global(batch: dict, mesh) -> dict:
-  """Per-host numpy batch -> global jax arrays sharded over (data, fsdp)."""
+
+def to_global(batch: dict, mesh, name: str = "", pad_id: int = 0) -> dict:
+  """Per-host numpy batch -> global jax arrays sharded over (data, fsdp). With several
+  hosts the text length is agreed first (each host picked the bucket of its own rows):
+  `name` keys that agreement and must be new on every call."""
+  if jax.process_count() > 1:
+    length = distributed.agree_max(f"len/{name}", batch["tokens"].shape[1])
+    batch = pad_length(batch, length, pad_id)
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(batch[k])),
                                                      np.asarray(batch[k]))
           for k in TRAIN_KEYS}
@@ -65,9 +91,28 @@ def to_global(batch: dict, mesh) -> dict:
 
 def maybe_initialize_distributed(config) -> None:
   # Several hosts: each runs this same command; JAX finds its peers (TPU pods: from
-  # the metadata server; SLURM / GPU: from the environment the launcher sets).
-  if config.train.get("distributed", False) or "JAX_COORDINATOR_ADDRESS" in os.environ:
-    jax.distributed.initialize()
+  # the metadata server; SLURM / GPU: from the environment the launcher sets;
+  # launch/local_pod.py: JAX_NUM_PROCESSES / JAX_PROCESS_ID).
+  distributed.initialize(bool(config.train.get("distributed", False)))
+
+
+def open_data(sc, ckpts, latest, name):
+  """The stage's data iterator, and whether to restore its state from the checkpoint:
+  on the process count that wrote it, each host restores its own grain state; on
+  another count, every host starts where the global stream was left (elastic)."""
+  saved = ckpts.positions(latest) if latest is not None else None
+  if saved is None or saved["num_processes"] == jax.process_count():
+    return make_iterator(sc), latest is not None
+  count = jax.process_count()
+  start = elastic_start(saved["positions"], saved["block"], jax.process_index(), count,
+                        sc.data.batch_size // count)
+  it = make_iterator(sc, start=start)
+  if distributed.is_primary():  # the skip counts live on in one host
+    it.set_skipped(np.sum(saved["skipped"], axis=0))
+  print(f"[{name}] elastic resume: the checkpoint was written by {saved['num_processes']} "
+        f"processes (read positions {saved['positions']}); this run has {count}: host "
+        f"{jax.process_index()} starts at record {start} of its share", flush=True)
+  return it, False
 
 
 def blind_batch(batch: dict) -> dict:
@@ -102,29 +147,30 @@ def setup_stage(sc, mesh) -> StageSetup:
 
 
 def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Preempted):
-  """Trains one stage to config.<name>.steps; returns its final params (host numpy)."""
+  """Trains one stage to config.<name>.steps; returns its final params (sharded)."""
   sc = stage_config(config, name)
   stage_dir = os.path.join(workdir, name)
   model_dir = os.path.join(stage_dir, "model")
-  if os.path.exists(os.path.join(model_dir, "config.json")):
-    print(f"[{name}] finished earlier: loading {model_dir}", flush=True)
-    return ckpt_lib.load_params(model_dir)
 
   # ---------------- Create model, optimizer and the sharded step ----------------
   setup = setup_stage(sc, mesh)
   model, cfg, abstract_state, shardings = setup.model, setup.cfg, setup.abstract_state, setup.shardings
   total = int(sc.optim.total_steps)
+  # The preemption service wants one step count rising over the whole run.
+  names = stage_names(config)
+  offset = sum(int(stage_config(config, n).optim.total_steps) for n in names[:names.index(name)])
+  if os.path.exists(os.path.join(model_dir, "config.json")):
+    print(f"[{name}] finished earlier: loading {model_dir}", flush=True)
+    return ckpt_lib.load_params(model_dir, abstract_state["params"])
 
-  # ---------------- Input pipeline ----------------
-  data_iter = make_iterator(sc)
-
-  # ---------------- Init or restore, onto the devices ----------------
+  # ---------------- Input pipeline; init or restore, onto the devices ----------------
   ckpts = ckpt_lib.Checkpoints(os.path.join(stage_dir, "checkpoints"), keep=sc.train.keep,
                                every=sc.train.ckpt_every)
   latest = ckpts.latest_step()
+  data_iter, restore_data = open_data(sc, ckpts, latest, name)
   if latest is not None:
     print(f"[{name}] resuming from step {latest} ({ckpts.directory})", flush=True)
-    state = ckpts.restore(latest, abstract_state, data_iter)
+    state = ckpts.restore(latest, abstract_state, data_iter if restore_data else None)
   else:
     params = init_params
     if params is None and sc.get("init_from"):
@@ -142,18 +188,22 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
   bad_steps = jnp.zeros((), jnp.int32)
   t_last, step_last, tokens_since = time.time(), step, 0
   print(f"[{name}] {cfg.alignment} model, {step}/{total} steps, global batch "
-        f"{sc.data.batch_size}, mesh {dict(mesh.shape)}", flush=True)
+        f"{sc.data.batch_size}, mesh {dict(mesh.shape)}, {jax.process_count()} process(es)",
+        flush=True)
   while step < total:
     batch = next(data_iter)
     if sc.train.blind:
       batch = blind_batch(batch)
     tokens_since += int(batch["text_mask"].sum())
+    distributed.forget(f"len/{name}/{step - 2}")  # every host has read it by now
+    batch = to_global(batch, mesh, f"{name}/{step}", data_iter.pad_id)
     with watch.step(batch, step + 1):
-      state, metrics = step_fn(state, to_global(batch, mesh))
+      state, metrics = step_fn(state, batch)
     bad_steps = bad_steps + (1 - metrics["finite"].astype(jnp.int32))
     step += 1
+    stop = preempted.check(offset + step)  # read once: the save and the exit agree
     log_now = step % sc.train.log_every == 0 or step == total
-    if log_now or step % sc.train.ckpt_every == 0 or preempted.flag:
+    if log_now or step % sc.train.ckpt_every == 0 or stop:
       if int(bad_steps):
         ckpts.close()
         raise FloatingPointError(
@@ -169,20 +219,20 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
       m["skipped"] = sum(data_iter.skipped.values())
       m["compiles"], m["recompiles"] = watch.compiles, watch.recompiles
       writer.write(step, m)
-      print(progress_line(name, step, total, m, (total - step) / m["steps_per_s"]), flush=True)
+      if distributed.is_primary():
+        print(progress_line(name, step, total, m, (total - step) / m["steps_per_s"]), flush=True)
       if data_iter.skipped:
         print(f"[{name}] skipped examples by kind: {data_iter.skipped}", flush=True)
       t_last, step_last, tokens_since = time.time(), step, 0
-    ckpts.save(step, state, data_iter, sc, force=preempted.flag or step == total)
-    if preempted.flag:
+    ckpts.save(step, state, data_iter, sc, force=stop or step == total)
+    if stop:
       ckpts.close()
       print(f"[{name}] preempted at step {step}; checkpoint saved", flush=True)
       sys.exit(143)
   ckpts.close()
   writer.close()
-  params = jax.device_get(state["params"])
-  ckpt_lib.save_model(model_dir, params, sc)
-  return params
+  ckpt_lib.save_model(model_dir, state["params"], sc)
+  return state["params"]
 
 
 def main(argv=None):
@@ -209,22 +259,27 @@ def _main(argv):
     from saisa_jax.data.embedded import prepare_embedded
     config = prepare_embedded(config)
 
+  # ---------------- The workdir is this model's (checked before any work) -------------
+  check_and_bind(workdir, config, stage_names(config))
+
   # ---------------- Stages ----------------
-  params = None
+  params, preempted = None, _Preempted()
   for name in stage_names(config):
-    params = run_stage(config, name, workdir, mesh, params, _Preempted())
+    params = run_stage(config, name, workdir, mesh, params, preempted)
   final = stage_config(config, stage_names(config)[-1])
   ckpt_lib.save_model(os.path.join(workdir, "model"), params, final)
   if jax.process_index() == 0:
     print(f"curves: {plot_curves(workdir, title=f'{config.model.alignment}')}", flush=True)
 
-  # ---------------- Held-out eval ----------------
+  # ---------------- Held-out eval (under the training mesh) ----------------
   if config.get("eval") and config.eval.enabled:
-    results = evaluate(final, params, os.path.join(workdir, "eval"))
-    print(format_table(results), flush=True)
-    print(f"training + eval wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
-    if "embedded" in results:
-      print(f"held-out accuracy: {results['embedded']['accuracy']:.4f}", flush=True)
+    results = evaluate(final, params, os.path.join(workdir, "eval"), mesh=mesh,
+                       rules=rules_from_config(final.mesh.rules))
+    if distributed.is_primary():
+      print(format_table(results), flush=True)
+      print(f"training + eval wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
+      if "embedded" in results:
+        print(f"held-out accuracy: {results['embedded']['accuracy']:.4f}", flush=True)
 
 
 if __name__ == "__main__":
