@@ -37,6 +37,7 @@ import shutil
 import jax
 import numpy as np
 
+from saisa_jax import paths
 from saisa_jax.convert import layout
 from saisa_jax.convert.safetensors_io import Entry, write_sharded
 from saisa_jax.models.build import build
@@ -215,9 +216,9 @@ def copy_tokenizer_files(config, out_dir: str) -> None:
 
 
 def write_generation_config(model_dir: str, config, out_dir: str, special: dict) -> None:
-  src = os.path.join(model_dir, "generation_config.json")
-  if os.path.exists(src):
-    shutil.copy(src, os.path.join(out_dir, "generation_config.json"))
+  src = paths.join(model_dir, "generation_config.json")
+  if paths.exists(src):
+    paths.write_text(os.path.join(out_dir, "generation_config.json"), paths.read_text(src))
     return
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump({**special, "do_sample": False}, f, indent=2)
@@ -241,7 +242,9 @@ def write_tower_dir(params, cfg: ModelConfig, source, out_dir: str, dtype: str) 
 # ----------------------------------------------------------------------------- layouts
 
 def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dtype: str = "float32",
-                 max_shard_bytes: int = 4 << 30, tower_dir: str = "auto") -> None:
+                 max_shard_bytes: int = 4 << 30, tower_dir: str = "auto",
+                 dest: str | None = None) -> None:
+  """`dest`: where `out` is uploaded to, when `out` is a staging folder."""
   st = _DTYPES[dtype]
   source = source_tensors(config)
   entries = param_entries(params, cfg, layout.model_rules(cfg, "saisa"), st)
@@ -268,6 +271,8 @@ def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dty
     mm_tower = imported
   else:
     mm_tower = write_tower_dir(params, cfg, source, out, st)
+    if dest:
+      mm_tower = paths.join(dest, os.path.relpath(mm_tower, out))
   special = special_ids(config)
   d = _plain(llama_config(cfg, cfg.llm.vocab_size, special, max_positions(config)).to_dict())
   d.pop("dtype", None)
@@ -383,14 +388,16 @@ def export_hf_llava(params, config, cfg: ModelConfig, model_dir: str, out: str,
 
 def export_model(model: str, out: str, layout_name: str = "saisa", dtype: str = "float32",
                  max_shard_bytes: int = 4 << 30, tower_dir: str = "auto") -> None:
-  params, config, cfg, model_dir = restore(model)
-  out = os.path.abspath(out)
-  if layout_name == "saisa":
-    export_saisa(params, config, cfg, model_dir, out, dtype, max_shard_bytes, tower_dir)
-  elif layout_name == "hf_llava":
-    export_hf_llava(params, config, cfg, model_dir, out, dtype, max_shard_bytes)
-  else:
+  if layout_name not in ("saisa", "hf_llava"):
     raise ValueError(f"--layout {layout_name!r} (saisa | hf_llava)")
+  params, config, cfg, model_dir = restore(model)
+  # A bucket destination: written locally, uploaded when complete.
+  with paths.staged_dir(paths.absolute(out)) as local:
+    if layout_name == "saisa":
+      export_saisa(params, config, cfg, model_dir, local, dtype, max_shard_bytes, tower_dir,
+                   dest=paths.absolute(out))
+    else:
+      export_hf_llava(params, config, cfg, model_dir, local, dtype, max_shard_bytes)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -411,7 +418,7 @@ def main(argv=None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   a = parser().parse_args(argv)
   export_model(a.model, a.out, a.layout, a.dtype, int(a.max_shard_gb * (1 << 30)), a.tower_dir)
-  print(f"saisa-export: wrote {os.path.abspath(a.out)} ({a.layout}, {a.dtype})")
+  print(f"saisa-export: wrote {paths.absolute(a.out)} ({a.layout}, {a.dtype})")
 
 
 if __name__ == "__main__":

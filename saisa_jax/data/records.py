@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from saisa_jax import paths
+
 # Every way a record can be unusable. The pipeline counts skips per kind, in this order.
 KINDS = (
     "invalid_json",              # a JSONL line that does not parse
@@ -139,10 +141,10 @@ def read_image_bytes(rec: Record, image_root: str) -> list[bytes]:
   for name in rec.images:
     path = os.path.join(image_root, name)
     try:
-      with open(path, "rb") as f:
+      with paths.open(path, "rb") as f:  # a local file or a bucket object
         out.append(f.read())
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-      raise rec.bad("missing_image", f"cannot open image {path!r}: {e.strerror}")
+      raise rec.bad("missing_image", f"cannot open image {path!r}: {e.strerror or e}")
   return out
 
 
@@ -151,8 +153,10 @@ class JsonSource:
 
   def __init__(self, path: str):
     self.path = path
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
       data = f.read()
+    # A bucket's JSONL is kept in memory (a ranged read per record would be a request).
+    self._data = data if paths.is_remote(path) else None
     self.jsonl = path.endswith(".jsonl") or not data.lstrip().startswith(b"[")
     if self.jsonl:
       # Line starts and ends only: lines are parsed on access, so a bad line is one
@@ -181,6 +185,8 @@ class JsonSource:
     if self._items is not None:
       return {"raw": self._items[index], "index": index, "source": self.path}
     s, e = self._spans[index]
+    if self._data is not None:
+      return {"raw": self._data[int(s):int(e)], "index": index, "source": self.path}
     with open(self.path, "rb") as f:
       f.seek(int(s))
       raw = f.read(int(e - s))

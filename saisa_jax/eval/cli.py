@@ -23,7 +23,7 @@ from ml_collections import config_flags
 import jax
 import ml_collections
 
-from saisa_jax import distributed, hugepages
+from saisa_jax import distributed, hugepages, paths
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
 from saisa_jax.train import checkpoint as ckpt_lib
@@ -72,7 +72,7 @@ def _main(argv):
   params = ckpt_lib.load_params(model_dir, sharded_abstract_params(model, cfg, mesh, rules))
   print(f"saisa-eval: {full.model.alignment} model from {model_dir}, mesh "
         f"{dict(mesh.shape)}, {jax.process_count()} process(es)", flush=True)
-  results = evaluate(full, params, os.path.join(os.path.abspath(workdir), "eval"), model=model,
+  results = evaluate(full, params, paths.join(paths.absolute(workdir), "eval"), model=model,
                      mesh=mesh, rules=rules)
   if distributed.is_primary():
     print(format_table(results), flush=True)

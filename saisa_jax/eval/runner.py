@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from saisa_jax import distributed
+from saisa_jax import distributed, paths
 from saisa_jax.data import images as images_lib
 from saisa_jax.data.config import resolve_vision
 from saisa_jax.data.examples import prompt_segments
@@ -29,7 +29,7 @@ from saisa_jax.models.build import build
 def _image_bytes(image) -> bytes:
   if isinstance(image, (bytes, bytearray)):
     return bytes(image)
-  with open(image, "rb") as f:
+  with paths.open(image, "rb") as f:
     return f.read()
 
 
@@ -65,7 +65,16 @@ class _Prompts:
 
 def evaluate(config, params, out_dir: str, model=None, mesh=None, rules=None) -> dict:
   """Every set in config.eval.sets; returns {name: scores} (also in results.json).
-  `mesh` / `rules`: the mesh `params` are sharded over and the logical rules."""
+  `mesh` / `rules`: the mesh `params` are sharded over and the logical rules.
+  `out_dir` may be a bucket: the files are written locally and uploaded at the end."""
+  if not distributed.is_primary():
+    return _evaluate(config, params, None, model, mesh, rules)
+  with paths.staged_dir(out_dir, fetch=("results.json",)) as local:
+    return _evaluate(config, params, local, model, mesh, rules)
+
+
+def _evaluate(config, params, out_dir, model, mesh, rules) -> dict:
+  """evaluate() into a local `out_dir` (None: a process that writes nothing)."""
   if model is None:
     model, _ = build(config.model)
   image_size, num_visual = resolve_vision(config)
@@ -77,11 +86,9 @@ def evaluate(config, params, out_dir: str, model=None, mesh=None, rules=None) ->
   eos = [tok.eos_token_id] + [i for i in [tok.convert_tokens_to_ids("<|end_of_text|>")]
                               if isinstance(i, int) and i != tok.unk_token_id]
   generator = None  # built once the first set has loaded: bad eval files fail first
-  primary = distributed.is_primary()
-  if primary:
-    os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "results.json")
-  results = json.load(open(path)) if os.path.exists(path) else {}
+  primary = out_dir is not None
+  path = os.path.join(out_dir, "results.json") if primary else None
+  results = json.load(open(path)) if primary and os.path.exists(path) else {}
   for name, spec in ev.sets.items():
     spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
     spec.setdefault("name", name)

@@ -23,7 +23,7 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 
-from saisa_jax import distributed
+from saisa_jax import distributed, paths
 
 
 class _IteratorState:
@@ -44,7 +44,7 @@ class _IteratorState:
 
 class Checkpoints:
   def __init__(self, directory: str, keep: int = 3, every: int = 1000, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
@@ -108,36 +108,35 @@ MODEL_FILE_BYTES = 64 << 20
 def save_model(directory: str, params, config) -> None:
   """DIR/params (orbax, StandardCheckpointer's layout) + DIR/config.json: a model
   others can load. Host memory beyond the params stays ~0.1 GB (saisa-import)."""
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  directory = paths.absolute(directory)
+  if jax.process_index() == 0:
+    paths.makedirs(directory)
   # StandardCheckpointHandler is this handler restricted to arrays; its StandardSave
   # cannot set the data file size. The files are the same, so load_params reads them.
   ckpt = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=1))
-  ckpt.save(os.path.join(directory, "params"),
+  ckpt.save(paths.join(directory, "params"),
             ocp.args.PyTreeSave(params, ocdbt_target_data_file_size=MODEL_FILE_BYTES),
             force=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:  # last: config.json marks a complete model directory
+    paths.write_text(paths.join(directory, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(directory, "config.json")
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path} not found: {directory} is not a saisa-jax model "
                             f"directory (expected params/ and config.json, as written by "
                             f"saisa-train or saisa-import)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
 def resolve_model_dir(path: str) -> str:
   """A model directory, a training stage dir (its final model) or a workdir (last stage)."""
-  path = os.path.abspath(path)
-  if os.path.exists(os.path.join(path, "params")):
+  path = paths.absolute(path)
+  if paths.exists(paths.join(path, "params")):
     return path
-  if os.path.exists(os.path.join(path, "model", "params")):
-    return os.path.join(path, "model")
+  if paths.exists(paths.join(path, "model", "params")):
+    return paths.join(path, "model")
   raise FileNotFoundError(
       f"no model at {path}: expected {path}/params + config.json (saisa-import), or a "
       f"training workdir whose finished stage wrote {path}/model")
@@ -147,7 +146,7 @@ def load_params(directory: str, abstract_params=None):
   """-> params; `abstract_params` (ShapeDtypeStructs with shardings) places them on
   any mesh. Without it: host numpy arrays, whatever mesh and process count wrote them."""
   directory = resolve_model_dir(directory)
-  target = os.path.join(directory, "params")
+  target = paths.join(directory, "params")
   if abstract_params is not None:
     return ocp.StandardCheckpointer().restore(target, abstract_params)
   ckpt = ocp.PyTreeCheckpointer()

@@ -1,8 +1,11 @@
 """Training curves (loss and token accuracy per stage) from metrics.jsonl to a PNG."""
 from __future__ import annotations
 
+import io
 import json
 import os
+
+from saisa_jax import paths
 
 
 def plot_curves(workdir: str, out: str | None = None, title: str = "") -> str:
@@ -10,7 +13,8 @@ def plot_curves(workdir: str, out: str | None = None, title: str = "") -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if l.strip()]
+  text = paths.read_text(paths.join(workdir, "metrics.jsonl"))
+  rows = [json.loads(l) for l in text.splitlines() if l.strip()]
   stages = list(dict.fromkeys(r["stage"] for r in rows))
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   offset = 0
@@ -27,8 +31,11 @@ def plot_curves(workdir: str, out: str | None = None, title: str = "") -> str:
     ax.legend()
     ax.grid(alpha=0.3)
   fig.suptitle(title)
-  out = out or os.path.join(workdir, "curves.png")
+  out = out or paths.join(workdir, "curves.png")
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
+  with paths.open(out, "wb") as f:
+    f.write(png.getvalue())
   plt.close(fig)
   return out

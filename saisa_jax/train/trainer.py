@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saisa_jax import distributed, hugepages
+from saisa_jax import distributed, hugepages, paths
 from saisa_jax.batch import pad_length
 from saisa_jax.data.pipeline import elastic_start, make_iterator
 from saisa_jax.eval.runner import evaluate, format_table
@@ -149,8 +149,8 @@ def setup_stage(sc, mesh) -> StageSetup:
 def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Preempted):
   """Trains one stage to config.<name>.steps; returns its final params (sharded)."""
   sc = stage_config(config, name)
-  stage_dir = os.path.join(workdir, name)
-  model_dir = os.path.join(stage_dir, "model")
+  stage_dir = paths.join(workdir, name)
+  model_dir = paths.join(stage_dir, "model")
 
   # ---------------- Create model, optimizer and the sharded step ----------------
   setup = setup_stage(sc, mesh)
@@ -159,12 +159,12 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
   # The preemption service wants one step count rising over the whole run.
   names = stage_names(config)
   offset = sum(int(stage_config(config, n).optim.total_steps) for n in names[:names.index(name)])
-  if os.path.exists(os.path.join(model_dir, "config.json")):
+  if paths.exists(paths.join(model_dir, "config.json")):
     print(f"[{name}] finished earlier: loading {model_dir}", flush=True)
     return ckpt_lib.load_params(model_dir, abstract_state["params"])
 
   # ---------------- Input pipeline; init or restore, onto the devices ----------------
-  ckpts = ckpt_lib.Checkpoints(os.path.join(stage_dir, "checkpoints"), keep=sc.train.keep,
+  ckpts = ckpt_lib.Checkpoints(paths.join(stage_dir, "checkpoints"), keep=sc.train.keep,
                                every=sc.train.ckpt_every)
   latest = ckpts.latest_step()
   data_iter, restore_data = open_data(sc, ckpts, latest, name)
@@ -206,6 +206,7 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
     if log_now or step % sc.train.ckpt_every == 0 or stop:
       if int(bad_steps):
         ckpts.close()
+        writer.close()
         raise FloatingPointError(
             f"[{name}] non-finite loss or gradient at or before step {step}; the update was "
             f"not applied. Last good checkpoint: step {ckpts.latest_step()} in "
@@ -227,6 +228,7 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
     ckpts.save(step, state, data_iter, sc, force=stop or step == total)
     if stop:
       ckpts.close()
+      writer.close()
       print(f"[{name}] preempted at step {step}; checkpoint saved", flush=True)
       sys.exit(143)
   ckpts.close()
@@ -247,8 +249,7 @@ def _main(argv):
   if not workdir:
     sys.exit("saisa-train: --workdir is required")
   maybe_initialize_distributed(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(workdir)  # gs://... stays a URL
   t0 = time.time()
 
   # ---------------- Set up mesh ----------------
@@ -267,13 +268,13 @@ def _main(argv):
   for name in stage_names(config):
     params = run_stage(config, name, workdir, mesh, params, preempted)
   final = stage_config(config, stage_names(config)[-1])
-  ckpt_lib.save_model(os.path.join(workdir, "model"), params, final)
+  ckpt_lib.save_model(paths.join(workdir, "model"), params, final)
   if jax.process_index() == 0:
     print(f"curves: {plot_curves(workdir, title=f'{config.model.alignment}')}", flush=True)
 
   # ---------------- Held-out eval (under the training mesh) ----------------
   if config.get("eval") and config.eval.enabled:
-    results = evaluate(final, params, os.path.join(workdir, "eval"), mesh=mesh,
+    results = evaluate(final, params, paths.join(workdir, "eval"), mesh=mesh,
                        rules=rules_from_config(final.mesh.rules))
     if distributed.is_primary():
       print(format_table(results), flush=True)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
-from saisa_jax import distributed
+from saisa_jax import distributed, paths
 from saisa_jax.data.tokenizer import load_tokenizer
 
 FILE = "run.json"
@@ -52,17 +51,15 @@ def check_and_bind(workdir: str, config, stage_names) -> None:
   """Raises ValueError naming each difference if `workdir` holds another model's run;
   otherwise records this run's identity (process 0)."""
   mine = identity(config)
-  path = os.path.join(workdir, FILE)
+  path = paths.join(workdir, FILE)
   found = None
-  if os.path.exists(path):
-    with open(path) as f:
-      found = (path, json.load(f))
+  if paths.exists(path):
+    found = (path, json.loads(paths.read_text(path)))
   else:
-    for name in ["model", *[os.path.join(s, "model") for s in stage_names]]:
-      cfg = os.path.join(workdir, name, "config.json")
-      if os.path.exists(cfg):
-        with open(cfg) as f:
-          found = (cfg, _model_identity(json.load(f)))
+    for name in ["model", *[paths.join(s, "model") for s in stage_names]]:
+      cfg = paths.join(workdir, name, "config.json")
+      if paths.exists(cfg):
+        found = (cfg, _model_identity(json.loads(paths.read_text(cfg))))
         break
   if found is not None:
     diff = _differences(found[1], mine)
@@ -71,8 +68,6 @@ def check_and_bind(workdir: str, config, stage_names) -> None:
           f"{workdir} holds the run of another model ({found[0]}):\n  " + "\n  ".join(diff) +
           "\nUse a new --workdir for this config, or rerun with the workdir's own config. "
           "Nothing in the workdir was changed.")
-  if distributed.is_primary() and not os.path.exists(path):
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(mine, f, indent=1)
-    os.replace(path + ".tmp", path)
+  if distributed.is_primary() and found is None:
+    paths.makedirs(workdir)
+    paths.write_text(path, json.dumps(mine, indent=1))

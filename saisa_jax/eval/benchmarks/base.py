@@ -27,6 +27,8 @@ import json
 import os
 from typing import Any, Callable
 
+from saisa_jax import paths
+
 IMAGE_TOKEN = "<image>"
 # LLaVA-1.5's answer-format prompts (Table 7 of the LLaVA-1.5 paper).
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -100,7 +102,7 @@ def spec_path(spec, key: str, default_rel: str | None, *, title: str, what: str,
     raise FileNotFoundError(
         f"{title} eval set '{name}': no {what} given (set `{key}`, or `root` to the "
         f"folder holding {default_rel}); {expected}")
-  exists = os.path.isdir(path) if is_dir else os.path.isfile(path)
+  exists = paths.isdir(path) if is_dir else paths.exists(path) and not paths.isdir(path)
   if not exists:
     if not required and not explicit:
       return None
@@ -161,13 +163,11 @@ def counts(items: list, missing: int) -> dict:
 # --- files -------------------------------------------------------------------------
 
 def read_json(path: str):
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def write_json(path: str, obj) -> str:
