@@ -163,11 +163,10 @@ def lowerers(sc, mesh, shapes: Shapes) -> dict:
   cache_sh = cache_shardings(mesh, cache)
 
   def serving(fn, **jit_kw):
-    """Prefill / decode as eval jits them (sharded inputs, no mesh in context); a
-    Pallas kernel (model.attention=flash) is only partitioned as a shard_map, which
-    needs the mesh and rules in context, as the train step has them."""
-    jitted = jax.jit(fn, **jit_kw)
-    return InMesh(jitted, mesh, setup.step_fn.rules) if is_flash(cfg.attention) else jitted
+    """Prefill / decode as sharded eval jits them (eval/generate.py under a mesh): the
+    params as the logical rules place them, the batch over data x fsdp, the mesh and
+    rules in context (the activation constraints; flash's shard_map)."""
+    return InMesh(jax.jit(fn, **jit_kw), mesh, setup.step_fn.rules)
 
   def prefill():
     return serving(prefill_fn, out_shardings=(logits_sh, cache_sh)).lower(params, prompt)
