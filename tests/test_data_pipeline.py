@@ -122,3 +122,39 @@ def test_worker_processes_give_the_same_samples(embedded):
     it.close()
   assert out[0] == out[2] and len(out[0]) == len(JsonSource(embedded_config(
       embedded).json_path))
+
+
+def test_global_batches_do_not_depend_on_the_host_count():
+  """Dealing blocks of B / N records: the hosts' rows of global batch t, concatenated
+  in host order, are records [t B, (t + 1) B) for every N; an elastic start after t
+  batches on N hosts puts every host of any other count at global record t B."""
+  import grain
+  n, B = 50, 8
+  base = grain.MapDataset.range(n)
+  for count in (1, 2, 4, 8):
+    block = B // count
+    shares = [list(pipeline._Dealt(base, i, count, block)) if count > 1 else list(base)
+              for i in range(count)]
+    assert sum(len(s) for s in shares) == n
+    for t in range(n // B):
+      rows = sum((s[t * block:(t + 1) * block] for s in shares), [])
+      assert rows == list(range(t * B, (t + 1) * B)), (count, t)
+    for t in (1, 3):
+      positions = [t * block] * count
+      for new in (1, 2, 4):
+        for i in range(new):
+          start = pipeline.elastic_start(positions, block, i, new, B // new)
+          assert start == t * (B // new), (count, new, i, start)
+  # Unequal positions (a host skipped records): resume after the furthest record read.
+  assert pipeline.elastic_start([4, 6], 4, 0, 1, 8) == 8 + 6
+
+
+def test_pad_length_equals_collating_at_that_length():
+  from saisa_jax.batch import collate, pack_sample, pad_length
+  samples = [pack_sample([[1, 2, 3], np.zeros((4, 4, 3)), [4]], 2),
+             pack_sample([[5]], 2), pack_sample([], 2)]
+  short, want = collate(samples, 4, 1, (4, 4), 7), collate(samples, 9, 1, (4, 4), 7)
+  got = pad_length(short, 9, 7)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -264,3 +264,20 @@ def test_local_pod_dry_run_sets_each_process():
       f"+ JAX_COORDINATOR_ADDRESS=localhost:7777 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID={i} "
       f"JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 "
       f"saisa-train --config c.py" for i in range(2)]
+
+
+def test_a_saved_model_initialises_a_two_process_run(runs, tmp_path):
+  """init_from a model directory (saisa-import's format, here written by one process):
+  each process restores its own shards onto the 2 x 2 mesh; one step of loss matches
+  the same run on one process."""
+  c = small_config(runs.embedded, finetune_steps=2)
+  c.stages, c.init_from = "finetune", os.path.join(runs("ref4"), "model")
+  c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+  cfg = write_config(c, str(tmp_path / "init.py"))
+  out = pod(2, 2, *TRAIN, "--config", cfg, "--workdir", str(tmp_path / "two")).stdout
+  assert out.count("initialising from") == 2, out[-3000:]
+  one_process(4, *TRAIN, "--config", cfg, "--workdir", str(tmp_path / "one"))
+  a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / "two"))
+  assert a.keys() == b.keys() == {("finetune", 1), ("finetune", 2)}
+  for k in a:
+    assert abs(a[k] - b[k]) <= TOL * max(1, abs(a[k])), (k, a[k], b[k])

@@ -144,7 +144,8 @@ def resolve_model_dir(path: str) -> str:
 
 def load_params(directory: str, abstract_params=None):
   """-> params; `abstract_params` (ShapeDtypeStructs with shardings) places them on
-  any mesh. Without it: host numpy arrays, whatever mesh and process count wrote them."""
+  any mesh. Without it: on this process's default device, whatever mesh and process
+  count wrote them (read as numpy first: the writers' devices need not exist here)."""
   directory = resolve_model_dir(directory)
   target = paths.join(directory, "params")
   if abstract_params is not None:
@@ -152,4 +153,4 @@ def load_params(directory: str, abstract_params=None):
   ckpt = ocp.PyTreeCheckpointer()
   meta = ckpt.metadata(target).item_metadata.tree
   args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=m.dtype), meta)
-  return ckpt.restore(target, args=ocp.args.PyTreeRestore(restore_args=args))
+  return jax.device_put(ckpt.restore(target, args=ocp.args.PyTreeRestore(restore_args=args)))
