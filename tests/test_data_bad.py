@@ -154,3 +154,51 @@ def test_truncation_keeps_images_whole(embedded, root, tmp_path):
   with pytest.raises(BadExample, match="too_long"):  # nothing trainable within 40
     next(pipeline.make_iterator(config(embedded, root, path, truncate=True, max_len=40,
                                        len_buckets=(40,), batch_size=1)))
+
+
+_COUNT = """
+import json, sys
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+sys.path.insert(0, {here!r})
+from test_data_bad import config
+from saisa_jax.data import pipeline
+c = config({embedded!r}, {root!r}, {path!r}, on_bad_example="skip", worker_count={workers})
+it = pipeline.make_iterator(c, drop_remainder=False)
+rows = 0
+for i, b in enumerate(it):
+  rows += b["tokens"].shape[0]
+  if i == {resume_at}:
+    state = json.dumps(it.get_state())
+    it.close()
+    it = pipeline.make_iterator(c, drop_remainder=False)  # a new iterator, restored
+    it.set_state(json.loads(state))
+    rows += sum(b["tokens"].shape[0] for b in it)
+    break
+print("RESULT", json.dumps({{"rows": rows, "skipped": it.skipped}}))
+it.close()
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("resume_at", [-1, 1])
+def test_skip_counts_are_exact_wherever_the_bad_records_are(embedded, root, tmp_path, workers,
+                                                            resume_at):
+  """Bad records at the start, in the middle and at the end of a file (the end: after
+  the last good record, where no batch follows): each is counted once, with 0 or 2
+  worker processes, and across a resume from the iterator state."""
+  import subprocess
+  import sys
+  bad = lambda i: vqa(f"m{i}", image="nope.png")
+  good = [vqa(f"g{i}") for i in range(7)]
+  items = [bad(0), bad(1)] + good[:3] + [bad(2), bad(3), bad(4)] + good[3:] + [bad(5), bad(6)]
+  path = tmp_path / "bad.jsonl"
+  write_jsonl(path, items)
+  here = os.path.dirname(os.path.abspath(__file__))
+  code = _COUNT.format(here=here, embedded=embedded, root=root, path=str(path),
+                       workers=workers, resume_at=resume_at)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.split("RESULT ")[-1])
+  assert result == {"rows": 7, "skipped": {"missing_image": 7}}

@@ -30,7 +30,7 @@ def test_batch_layout_and_buckets(embedded):
     for i in range(n):
       want = pos.get(int(batch["positions"][b, i]) + 1, 0)
       assert batch["targets"][b, i] == want
-    assert batch["loss_mask"][b, :n].sum() == 3  # "ASSISTANT" -> ":" -> answer -> </s>
+    assert batch["loss_mask"][b, :n].sum() == 2  # "ASSISTANT:" -> answer -> </s>
 
 
 def _samples(embedded, host, count):

@@ -3,6 +3,7 @@ and ends with exactly (bitwise, float32 CPU) the params of an uninterrupted run.
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from saisa_jax.train.checkpoint import load_params
 from train_helpers import small_config, write_config
@@ -83,3 +85,42 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(embedded, tmp_path):
   assert steps and steps[-1] >= 3, steps
   rows = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
   assert steps[-1] == rows[-1]["step"] or steps[-1] == rows[-1]["step"] + 1
+
+
+_SAVE_TERM = """
+import os, signal, sys
+from saisa_jax.train import checkpoint
+original = checkpoint.Checkpoints.save
+calls = []
+
+def save(self, step, *args, **kwargs):
+  calls.append(step)
+  if len(calls) == {at}:  # the signal arrives while a save is under way
+    os.kill(os.getpid(), signal.SIGTERM)
+  return original(self, step, *args, **kwargs)
+
+checkpoint.Checkpoints.save = save
+from saisa_jax.train import trainer
+trainer.main(["saisa-train", "--config", sys.argv[1], "--workdir", sys.argv[2]])
+"""
+
+
+@pytest.mark.parametrize("at", [2, random.Random().randint(3, 12)])
+def test_sigterm_during_save_still_saves_before_saying_so(embedded, tmp_path, at):
+  """SIGTERM delivered inside `save` (at its 2nd call, and at a random one): the message
+  "checkpoint saved" is printed only with that step's checkpoint on disk, and the
+  rerun resumes from it."""
+  c = small_config(embedded, pretrain_steps=8, finetune_steps=8)
+  c.train.ckpt_every = 1000
+  cfg = write_config(c, str(tmp_path / "cfg.py"))
+  work = str(tmp_path / "run")
+  out = subprocess.run([sys.executable, "-c", _SAVE_TERM.format(at=at), cfg, work],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 143, out.stdout[-2000:] + out.stderr[-2000:]
+  said = re.findall(r"\[(\w+)\] preempted at step (\d+); checkpoint saved", out.stdout)
+  assert len(said) == 1, out.stdout[-2000:]
+  stage, step = said[0][0], int(said[0][1])
+  assert str(step) in os.listdir(os.path.join(work, stage, "checkpoints")), out.stdout
+  rerun = subprocess.run(_command(cfg, work), capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+  assert f"[{stage}] resuming from step {step}" in rerun.stdout, rerun.stdout[-2000:]

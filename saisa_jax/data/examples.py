@@ -92,6 +92,7 @@ def make_sample(rec: Record, spec: SampleSpec, tokenizer, image_bytes=None) -> d
   """Record -> pack_sample dict + targets int32[T] + loss_mask float32[T]. Raises
   BadExample. `image_bytes` overrides reading the record's images."""
   try:
+    records_lib.check_turns(rec)  # before tokenising: the same rule for every tokenizer
     records_lib.check_image_tokens(rec)
     if len(rec.images) > spec.max_images:
       raise rec.bad("too_many_images", f"{len(rec.images)} images > data.max_images = "
@@ -109,6 +110,9 @@ def make_sample(rec: Record, spec: SampleSpec, tokenizer, image_bytes=None) -> d
                   f" positions > data.max_len {spec.max_len} / max_seq_len "
                   f"{spec.max_seq_len} (data.truncate is off)")
   targets, loss_mask = shifted_targets(ids, labels)
+  if not loss_mask.any():
+    raise rec.bad("no_target", f"no token to train after tokenising (template "
+                  f"{spec.template!r})")
   if over:
     kept = truncate_ids(ids, spec.num_visual, spec.max_len, spec.max_seq_len)
     k = sum(t != IMAGE_ID for t in kept)

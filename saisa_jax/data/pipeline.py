@@ -111,7 +111,10 @@ class _BucketBatchIterator(grain.DatasetIterator):
       else:
         samples.append(el)
     if not samples or (len(samples) < self.b and self.drop_remainder):
-      raise StopIteration
+      if not skipped.any():
+        raise StopIteration
+      # The end of the data: no batch, but the records refused on the way still count.
+      return {SKIP_KEY: skipped, RECORDS_KEY: np.int64(len(samples) + skipped.sum())}
     length = bucket_length(max(len(s["tokens"]) for s in samples), self.buckets)
     batch = collate(samples, length, self.n, self.shape, self.pad_id)
     batch[SKIP_KEY] = skipped
@@ -143,14 +146,16 @@ class DataIterator:
     return self
 
   def __next__(self) -> dict:
-    try:
-      batch = next(self._it)
-    except BaseException:  # end of data or a bad example: stop the worker processes
-      self.close()
-      raise
-    self._skipped += batch.pop(SKIP_KEY)
-    self.position += int(batch.pop(RECORDS_KEY))
-    return batch
+    while True:
+      try:
+        batch = next(self._it)
+      except BaseException:  # end of data or a bad example: stop the worker processes
+        self.close()
+        raise
+      self._skipped += batch.pop(SKIP_KEY)
+      self.position += int(batch.pop(RECORDS_KEY))
+      if batch:  # else only the skip counts of the data's last records
+        return batch
 
   @property
   def skipped_counts(self) -> list[int]:
@@ -168,11 +173,13 @@ class DataIterator:
 
   def set_state(self, state: dict) -> None:
     self._it.set_state(state["grain"])
-    self._skipped = np.asarray(state["skipped"], np.int64)
+    self.set_skipped(state["skipped"])
     self.position = int(state.get("position", 0))
 
   def set_skipped(self, skipped) -> None:
-    self._skipped = np.asarray(skipped, np.int64)
+    """Counts per kind; a checkpoint from before a kind was added has fewer."""
+    self._skipped = np.zeros(len(KINDS), np.int64)
+    self._skipped[:len(skipped)] = np.asarray(skipped, np.int64)
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,7 +34,9 @@ KINDS = (
     "image_too_large",           # above data.max_image_pixels (decompression bomb)
     "too_long",                  # over the length limits (and nothing left to train)
     "tokenization_mismatch",     # LLaVA's round lengths disagree with the ids
-)
+    "image_outside_root",        # an image path that leaves the image root (.., absolute, symlink)
+    "no_target",                 # no answer to train: ends on a human turn, empty answers
+)  # (new kinds go last: checkpoints store the counts by position)
 IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt")
 
@@ -64,6 +67,7 @@ class Record:
   source: str = ""
   image_bytes: list[bytes] | None = None
   missing_images: tuple[str, ...] = ()   # recorded absent when the record was stored
+  outside_images: tuple[str, ...] = ()   # refused (outside the root) when it was stored
 
   def bad(self, kind: str, problem: str) -> BadExample:
     return BadExample(kind, problem, source=self.source, record_id=self.id)
@@ -115,7 +119,25 @@ def parse_record(raw: Any, *, source: str = "", index: int = -1) -> Record:
   if any(_has_surrogates(p) for p in images):
     raise bad("non_utf8", "an image path holds bytes that are not UTF-8")
   return Record(id=str(rid), conversations=[dict(t) for t in conv], images=list(images),
-                source=source, missing_images=tuple(raw.get("_missing_images", ())))
+                source=source, missing_images=tuple(raw.get("_missing_images", ())),
+                outside_images=tuple(raw.get("_outside_images", ())))
+
+
+def check_turns(rec: Record) -> None:
+  """A trainable conversation, whatever the tokenizer: after a leading gpt turn (LLaVA
+  drops it), turns alternate human, gpt, ... and end with a non-empty gpt answer."""
+  conv = rec.conversations[1:] if rec.conversations[0]["from"] == "gpt" else rec.conversations
+  if not conv:
+    raise rec.bad("bad_turns", "no human turn")
+  for j, turn in enumerate(conv):
+    want = ROLES[j % 2]
+    if turn["from"] != want:
+      raise rec.bad("bad_turns", f"turn {j} is from {turn['from']!r}, expected {want!r} "
+                    "(turns must alternate human, gpt)")
+  if conv[-1]["from"] != "gpt":
+    raise rec.bad("no_target", "the conversation ends with a human turn: no answer to train")
+  if not any(t["value"].strip() for t in conv[1::2]):
+    raise rec.bad("no_target", "every answer (gpt turn) is empty: nothing to train")
 
 
 def check_image_tokens(rec: Record) -> None:
@@ -130,8 +152,36 @@ def check_image_tokens(rec: Record) -> None:
     raise rec.bad("image_token_count", f"{count} {IMAGE_TOKEN} tokens for {n} images")
 
 
+class OutsideRoot(ValueError):
+  """An image path that would leave the image root."""
+
+
+def confined_path(image_root: str, name: str) -> str:
+  """The file `name` names under `image_root`, or OutsideRoot if it would leave the
+  root: a `..` climbing out, an absolute path or URL, or (local roots) a symlink that
+  points outside. Nothing is opened; symlinks are resolved, not followed blindly."""
+  if os.path.isabs(name) or paths.is_remote(name) or name.startswith("\\"):
+    raise OutsideRoot(f"image path {name!r} is absolute; paths are relative to the "
+                      f"image root {image_root!r}")
+  if paths.is_remote(image_root):  # a bucket has no symlinks: normalising is enough
+    rel = posixpath.normpath(name)
+    if rel == ".." or rel.startswith("../"):
+      raise OutsideRoot(f"image path {name!r} leaves the image root {image_root!r}")
+    return paths.join(image_root, rel)
+  root = os.path.realpath(image_root or ".")
+  full = os.path.realpath(os.path.join(root, name))
+  if os.path.commonpath([root, full]) != root:
+    raise OutsideRoot(f"image path {name!r} resolves to {full!r}, outside the image "
+                      f"root {root!r}")
+  return full
+
+
 def read_image_bytes(rec: Record, image_root: str) -> list[bytes]:
-  """Encoded bytes of every image of `rec` (from the record, or from disk)."""
+  """Encoded bytes of every image of `rec` (from the record, or from disk: only files
+  inside `image_root` are opened)."""
+  for name in rec.outside_images:
+    raise rec.bad("image_outside_root", f"image {name!r} was outside the image root when "
+                  "the records were built")
   if rec.image_bytes is not None:
     for name in rec.missing_images:
       raise rec.bad("missing_image", f"image {name!r} was missing when the records "
@@ -139,7 +189,10 @@ def read_image_bytes(rec: Record, image_root: str) -> list[bytes]:
     return list(rec.image_bytes)
   out = []
   for name in rec.images:
-    path = os.path.join(image_root, name)
+    try:
+      path = confined_path(image_root, name)
+    except OutsideRoot as e:
+      raise rec.bad("image_outside_root", str(e))
     try:
       with paths.open(path, "rb") as f:  # a local file or a bucket object
         out.append(f.read())

@@ -168,10 +168,13 @@ def encode_conversation(conversations: list[dict], template: str, tokenizer,
   messages = _turns(t, conversations, record_id)
   prompt = conversation_prompt(t, messages)
   ids = tokenizer_image_token(prompt, tokenizer)
+  # The targets are each answer's tokens and its end of turn, found by tokenising the
+  # prompt's prefixes: right for any tokenizer. LLaVA's own arithmetic (round lengths
+  # minus 2) assumes its SentencePiece model; it still runs for tokenizers that add a
+  # BOS, as LLaVA's filter: the samples it would mask whole are refused here too.
+  labels = _built_labels(t, messages, ids, tokenizer, record_id)
   if adds_bos(tokenizer):
-    labels = _llava_v1_labels(t, prompt, ids, tokenizer, record_id)
-  else:
-    labels = _built_labels(t, messages, ids, tokenizer, record_id)
+    _llava_v1_labels(t, prompt, ids, tokenizer, record_id)
   return ids, labels
 
 

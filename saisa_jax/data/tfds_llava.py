@@ -13,7 +13,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from saisa_jax.data.records import JsonSource
+from saisa_jax.data.records import JsonSource, OutsideRoot, confined_path
 
 NAME = "llava_records"
 
@@ -66,19 +66,27 @@ class LlavaRecords(tfds.core.GeneratorBasedBuilder):
           rec = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
           rec = None
-      images, missing = [], []
+      images, missing, outside = [], [], []
       paths = rec.get("image") if isinstance(rec, dict) else None
       paths = [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else []
       for p in paths:
+        try:  # only files inside the image root are read
+          path = confined_path(self._image_root, str(p))
+        except OutsideRoot:
+          images.append(b"")
+          outside.append(str(p))
+          continue
         try:
-          with open(os.path.join(self._image_root, str(p)), "rb") as f:
+          with open(path, "rb") as f:
             images.append(f.read())
         except OSError:
           images.append(b"")
           missing.append(str(p))
       if missing:  # told apart from a zero-byte file when read back
         rec = {**rec, "_missing_images": missing}
-      blob = raw if isinstance(raw, bytes) and not missing else json.dumps(
+      if outside:  # refused under its own kind when read back
+        rec = {**rec, "_outside_images": outside}
+      blob = raw if isinstance(raw, bytes) and not (missing or outside) else json.dumps(
           rec, ensure_ascii=True).encode()  # ascii keeps non-UTF-8 escapes intact
       rid = rec.get("id", i) if isinstance(rec, dict) else i
       yield i, {"id": str(rid), "record": blob, "images": images}

@@ -7,6 +7,8 @@ Stage 2 starts from stage 1's final params (the projectors it trained, and all e
 """
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 # Stage field -> the base-config field it overrides.
@@ -39,3 +41,48 @@ def stage_config(config, name: str) -> ml_collections.ConfigDict:
     out[section][field] = value
   out.stage = name
   return out
+
+
+def check_stages(config, num_processes: int = 1) -> None:
+  """Resolves every stage and checks what it will need (fields, template, files,
+  trainable regex, batch arithmetic) before the first step of the first stage: a typo
+  in the last stage must not surface after hours of the first. Raises ValueError
+  listing every problem with the stage and field to fix."""
+  from saisa_jax import paths
+  from saisa_jax.data.templates import get_template
+
+  problems = []
+  for name in stage_names(config):
+    try:
+      sc = stage_config(config, name)
+    except ValueError as e:
+      problems.append(str(e))
+      continue
+    d, o = sc.data, sc.optim
+    where = f"stage {name!r}:"
+    try:
+      get_template(d.template)
+    except ValueError as e:
+      problems.append(f"{where} config.{name}.template / data.template: {e}")
+    if d.get("source", "json") == "json":
+      if not d.json_path:
+        problems.append(f"{where} no data file (set config.{name}.json_path)")
+      elif not paths.exists(d.json_path):
+        problems.append(f"{where} config.{name}.json_path {d.json_path!r} does not exist")
+    elif d.get("tfds_dir") and not paths.exists(d.tfds_dir):
+      problems.append(f"{where} data.tfds_dir {d.tfds_dir!r} does not exist")
+    if d.get("image_root") and not paths.isdir(d.image_root):
+      problems.append(f"{where} config.{name}.image_root {d.image_root!r} is not a folder")
+    try:
+      re.compile(o.trainable)
+    except re.error as e:
+      problems.append(f"{where} config.{name}.trainable {o.trainable!r} is not a regex: {e}")
+    if int(o.total_steps) <= 0:
+      problems.append(f"{where} config.{name}.steps must be > 0, got {o.total_steps}")
+    accum = int(o.get("accum_steps", 1) or 1)
+    if d.batch_size % (accum * num_processes):
+      problems.append(f"{where} batch size {d.batch_size} must divide into "
+                      f"{accum} accumulation step(s) x {num_processes} process(es)")
+  if problems:
+    raise ValueError("the config's stages cannot all run (checked before training):\n  " +
+                     "\n  ".join(problems))

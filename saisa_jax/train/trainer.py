@@ -42,7 +42,7 @@ from saisa_jax.train.curves import plot_curves
 from saisa_jax.train.mesh import InMesh, batch_sharding, make_mesh, rules_from_config
 from saisa_jax.train.metrics import MetricWriter, progress_line
 from saisa_jax.train.optim import make_optimizer
-from saisa_jax.train.stages import stage_config, stage_names
+from saisa_jax.train.stages import check_stages, stage_config, stage_names
 from saisa_jax.train.state import abstract_params, init_state, state_shardings
 from saisa_jax.train.step import TRAIN_KEYS, make_train_step
 from saisa_jax.train.workdir_binding import check_and_bind
@@ -260,7 +260,8 @@ def _main(argv):
     from saisa_jax.data.embedded import prepare_embedded
     config = prepare_embedded(config)
 
-  # ---------------- The workdir is this model's (checked before any work) -------------
+  # ---------------- Every stage runnable; the workdir this model's (before any work) -----
+  check_stages(config, jax.process_count())
   check_and_bind(workdir, config, stage_names(config))
 
   # ---------------- Stages ----------------
