@@ -111,3 +111,46 @@ def test_prefill_from_precomputed_tower_features_equals_prefill_from_images(alig
   with pytest.raises(ValueError, match="need .* \\(tower_features\\)"):
     model.apply({"params": params}, no_images, size, features=feats[:, :-1],
                 method=model.prefill)
+
+
+_MESH_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {here!r})
+from test_generate import PROMPTS, _model
+from saisa_jax.eval.generate import SamplingConfig, generate
+from saisa_jax.train.mesh import make_mesh, DEFAULT_RULES
+from saisa_jax.train.state import sharded_abstract_params
+import flax.linen as nn
+model, cfg, params = _model("saisa")
+params = nn.meta.unbox(params)
+mesh = make_mesh({{"data": 2, "fsdp": 2}})
+target = sharded_abstract_params(model, cfg, mesh, DEFAULT_RULES)
+sharded = jax.tree.map(lambda p, t: jax.device_put(p, t.sharding), params, target)
+out = {{}}
+for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+  kw = dict(num_visual=cfg.num_visual, image_size=16, eos_ids=[],
+            sampling=SamplingConfig(max_new_tokens=4, temperature=temperature, seed=3),
+            batch_size=4)  # one global batch of 4 rows on each side: the same keys
+  out[name] = [generate(model, params, PROMPTS, **kw),
+               generate(model, sharded, PROMPTS, mesh=mesh, rules=DEFAULT_RULES, **kw)]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_generation_under_a_mesh_equals_unsharded():
+  """4 devices, params sharded by the logical rules, the batch over data x fsdp:
+  greedy and sampled generation give the unsharded ids."""
+  import json
+  import os
+  import subprocess
+  import sys
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT.format(here=here)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT ")[-1])
+  for name, (plain, meshed) in out.items():
+    assert plain == meshed and len(plain) == len(PROMPTS), name

@@ -13,17 +13,19 @@ outputs while each prompt is generated once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
-
 import itertools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from saisa_jax import distributed
 from saisa_jax.batch import collate, pack_sample
 from saisa_jax.models.layer_layout import for_serving
+from saisa_jax.train.mesh import InMesh, batch_sharding
 
 _CALLS = itertools.count()  # names the hosts' agreements of each generate() call
 
@@ -68,7 +70,6 @@ class Generator:
                                                  method=model.decode_step),
                      donate_argnums=2)
     if self.mesh is not None:
-      from saisa_jax.train.mesh import InMesh
       prefill, decode = InMesh(prefill, self.mesh, rules), InMesh(decode, self.mesh, rules)
     self._prefill, self._decode = prefill, decode
 
@@ -82,7 +83,6 @@ class Generator:
   def _to_device(self, batch: dict) -> dict:
     if self.mesh is None:
       return {k: jnp.asarray(v) for k, v in batch.items()}
-    from saisa_jax.train.mesh import batch_sharding
     return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, np.ndim(v)),
                                                        np.asarray(v))
             for k, v in batch.items()}
@@ -91,7 +91,6 @@ class Generator:
     """A (global) array -> numpy on every process."""
     if self.mesh is None or x.is_fully_addressable:
       return np.asarray(x)
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   def run_batch(self, batch: dict, max_new_tokens: int, sampling: SamplingConfig,
@@ -108,7 +107,6 @@ class Generator:
     done = jnp.zeros(logits.shape[0], bool)
     tokens, all_logits = [], []
     if self.mesh is not None:  # one replicated key on every process's devices
-      from jax.sharding import NamedSharding, PartitionSpec
       data = np.asarray(jax.random.key_data(rng))
       rng = jax.random.wrap_key_data(jax.make_array_from_process_local_data(
           NamedSharding(self.mesh, PartitionSpec()), data, data.shape))
