@@ -50,6 +50,8 @@ def test_cli_generate_and_inspect(tmp_path, capsys):
   cli.main(["inspect", "--config", f"{CONFIG}:{out}", "--batches", "2", "--thumbs",
             str(thumbs), "--set", "data.on_bad_example='skip'"])
   text = capsys.readouterr().out
-  assert "«: " in text and "</s>»" in text and "<image 0 x16>" in text  # answers marked
+  # The answers are marked (trained): the answer and </s>, not the ":" before it.
+  assert "ASSISTANT :«" in text and "</s>»" in text and "«:" not in text
+  assert "<image 0 x16>" in text
   assert "skipped by kind: none" in text and "examples/s" in text
   assert len(os.listdir(thumbs)) == 8
