@@ -28,6 +28,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -72,7 +73,6 @@ class _Preempted:
   def check(self, step: int) -> bool:
     """Called once after every step, by every process; read the answer once."""
     if self.multi and not self.flag:
-      from jax.experimental import multihost_utils
       self.flag = multihost_utils.reached_preemption_sync_point(step)
     return self.flag
 
