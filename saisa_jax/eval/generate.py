@@ -25,7 +25,7 @@ import numpy as np
 from saisa_jax import distributed
 from saisa_jax.batch import collate, pack_sample
 from saisa_jax.models.layer_layout import for_serving
-from saisa_jax.train.mesh import InMesh, batch_sharding
+from saisa_jax.train.mesh import InMesh, global_batch
 
 _CALLS = itertools.count()  # names the hosts' agreements of each generate() call
 
@@ -83,9 +83,7 @@ class Generator:
   def _to_device(self, batch: dict) -> dict:
     if self.mesh is None:
       return {k: jnp.asarray(v) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, np.ndim(v)),
-                                                       np.asarray(v))
-            for k, v in batch.items()}
+    return global_batch(batch, self.mesh)
 
   def _to_host(self, x) -> np.ndarray:
     """A (global) array -> numpy on every process."""

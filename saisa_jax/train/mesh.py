@@ -83,6 +83,14 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, fit_spec(spec, mesh))
 
 
+def global_batch(batch: dict, mesh: Mesh, keys=None) -> dict:
+  """This host's rows (numpy) -> global jax arrays, batch over data x fsdp (every host
+  passes its own rows of the same global batch)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(batch[k])),
+                                                     np.asarray(batch[k]))
+          for k in (keys if keys is not None else batch)}
+
+
 class InMesh:
   """A jitted function that traces (on call or `.lower`) with `mesh` and the logical
   axis `rules` set, so the model's activation constraints (`with_logical_constraint`:

@@ -40,7 +40,7 @@ from saisa_jax.models.build import build
 from saisa_jax.train import checkpoint as ckpt_lib
 from saisa_jax.train.compiles import CompileWatch
 from saisa_jax.train.curves import plot_curves
-from saisa_jax.train.mesh import InMesh, batch_sharding, make_mesh, rules_from_config
+from saisa_jax.train.mesh import InMesh, global_batch, make_mesh, rules_from_config
 from saisa_jax.train.metrics import MetricWriter, progress_line
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.stages import check_stages, stage_config, stage_names
@@ -84,9 +84,7 @@ def to_global(batch: dict, mesh, name: str = "", pad_id: int = 0) -> dict:
   if jax.process_count() > 1:
     length = distributed.agree_max(f"len/{name}", batch["tokens"].shape[1])
     batch = pad_length(batch, length, pad_id)
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(batch[k])),
-                                                     np.asarray(batch[k]))
-          for k in TRAIN_KEYS}
+  return global_batch(batch, mesh, TRAIN_KEYS)
 
 
 def maybe_initialize_distributed(config) -> None:

@@ -20,10 +20,7 @@ FILE = "run.json"
 
 def identity(config) -> dict:
   """What must stay the same for a workdir's checkpoints to belong to `config`."""
-  m = config.model
-  out = {"model.alignment": m.alignment,
-         **{f"model.llm.{k}": v for k, v in sorted(m.llm.to_dict().items())},
-         **{f"model.vision.{k}": v for k, v in sorted(m.vision.to_dict().items())}}
+  out = _model_identity({"model": config.model.to_dict()})
   if config.data.get("tokenizer"):
     vocab = load_tokenizer(config.data.tokenizer).get_vocab()
     text = json.dumps(sorted(vocab.items()))
@@ -32,8 +29,8 @@ def identity(config) -> dict:
 
 
 def _model_identity(config_json: dict) -> dict:
-  """The model fields of a saved model/config.json (no tokenizer check: its path may
-  point to another machine's cache)."""
+  """The model fields of a config as a dict (a saved model/config.json has no
+  tokenizer check: its path may point to another machine's cache)."""
   m = config_json.get("model", {})
   out = {"model.alignment": m.get("alignment")}
   out.update({f"model.llm.{k}": v for k, v in sorted(m.get("llm", {}).items())})
