@@ -23,7 +23,7 @@ def get_config(arg=None):
       alignment=a.alignment, dtype="float32", remat="none",
       scan_unroll=2,  # unrolled: a scanned backward pass is ~2x slower on CPU
       visual_pass="vmap",  # 2 layers: one batched visual pass is a little faster on CPU
-      # cpu: the fused C++ kernel (cpu_attention.py); flash: the Pallas TPU kernel
+      # cpu: the fused C++ kernel (backends/cpu/attention.py); flash: the Pallas TPU kernel
       attention="einsum", flash_block=256,
       llm=presets.lookup(presets.LLMS, "tiny", "llm"),
       vision=presets.lookup(presets.TOWERS, "tiny", "tower")))

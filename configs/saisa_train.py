@@ -13,7 +13,7 @@ mesh (fsdp | data: the axis that takes the devices), tensor (tensor-parallel siz
 visual_pass (default scan: SAISA's visual K/V layer by layer, 5.4 GiB less per v5p
 chip than the batched vmap pass in this recipe; measured with saisa-compile),
 attention (einsum | cudnn: cuDNN's fused attention on NVIDIA GPUs | flash: on TPU the
-Pallas kernel of models/flash_tpu.py).
+Pallas kernel of backends/attention/flash_tpu.py).
 
 Stage 1 (pretrain): LLaVA-558K captions, template plain, global batch 256, lr 1e-3,
 only the projectors train (saisa: one per layer; llava: the global one).

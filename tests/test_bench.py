@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from saisa_jax import hugepages
+from saisa_jax.backends.cpu import hugepages
 from saisa_jax.tools import host_probe
 
 

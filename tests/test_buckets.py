@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from saisa_jax import paths
-from saisa_jax.train.checkpoint import load_params
+from saisa_jax.core import paths
+from saisa_jax.core.checkpoint import load_params
 from train_helpers import small_config, write_config
 
 TRAIN = [sys.executable, "-m", "saisa_jax.train.trainer"]

@@ -77,7 +77,7 @@ def test_gpu_and_cpu_attention_kernels_are_refused_for_a_tpu(tmp_path, impl):
 
 def test_flash_attention_config_compiles_with_mosaic_kernels(tmp_path):
   """model.attention=flash: the train step and prefill of the tiny config compile for
-  v5e:2x2 with the Pallas kernels of models/flash_tpu.py, partitioned as shard_maps over
+  v5e:2x2 with the Pallas kernels of backends/attention/flash_tpu.py, partitioned as shard_maps over
   the 4-chip mesh (XLA refuses a Mosaic kernel it would have to partition itself)."""
   proc, report = run_compile(tmp_path, "flash", "--alignments", "saisa", "--programs",
                              "train,prefill", "--config.model.attention=flash")

@@ -10,7 +10,7 @@ from saisa_jax.config_args import load_config_file
 from saisa_jax.models.build import build
 from saisa_jax.train.optim import param_paths, trainable_mask
 from saisa_jax.train.stages import stage_config
-from saisa_jax.train.state import abstract_params
+from saisa_jax.core.state import abstract_params
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2_135m.py")
 

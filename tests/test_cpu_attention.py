@@ -1,4 +1,4 @@
-"""model.attention=cpu: the fused C++ kernel (models/cpu_kernels/attention.cc, via XLA
+"""model.attention=cpu: the fused C++ kernel (backends/cpu/kernels/attention.cc, via XLA
 FFI) equals autodiff of textbook softmax attention (GQA, masks, key counts that are not
 a multiple of the kernel's 16-wide vectors, causal skipping with a visible prefix), the
 whole model equals the einsum path and HF PyTorch Llava, and under a mesh it runs per
@@ -20,7 +20,7 @@ from model_equality import assert_model_equals_einsum, close as _close
 from test_attention import textbook
 
 try:
-  from saisa_jax.models.cpu_attention import ensure_registered
+  from saisa_jax.backends.cpu.attention import ensure_registered
   ensure_registered()
 except RuntimeError as e:  # no C++ compiler on this machine: the kernel cannot exist here
   pytest.skip(str(e), allow_module_level=True)
@@ -74,15 +74,16 @@ def test_keys_and_values_reach_both_kernels_untransposed():
 
 
 @pytest.mark.parametrize("alignment", ["saisa", "llava"])
-@pytest.mark.parametrize("serve_layout", ["per_layer", "stacked"])
-def test_prefill_kernel_writes_the_cache_without_transposes(alignment, serve_layout):
-  """With attention=cpu the prefill's kernel (the attention's, or per layer the
-  layer's) writes the KV cache in attend_cached's layouts as it attends: the compiled prefill holds no float transpose or pad (XLA's
-  transpose-and-pad of the cache ran element by element). Values: the prefill +
-  decode test below."""
+def test_prefill_kernel_writes_the_cache_without_transposes(alignment):
+  """With attention=cpu, served per layer (backends/cpu/serving.py), each layer's
+  kernel writes the KV cache in attend_cached's layouts as it attends: the compiled
+  prefill holds no float transpose or pad (XLA's transpose-and-pad of the cache ran
+  element by element). Values: the prefill + decode test below. (The stacked layout's
+  attention kernel that did the same is gone: CPU serving is per layer.)"""
+  serve_layout = "per_layer"
   import re
   from model_equality import LLM, VISION, image
-  from saisa_jax.models.layer_layout import for_serving
+  from saisa_jax.backends.serving import for_serving
   model = build(ModelConfig(LLM, VISION, alignment=alignment, attention="cpu",
                             attention_block=4, serve_layout=serve_layout))[0]
   batch = collate([pack_sample([[1, 2, 3], image(0), [4, 5]], 4),
@@ -90,9 +91,8 @@ def test_prefill_kernel_writes_the_cache_without_transposes(alignment, serve_lay
   served, p = for_serving(model, model.init(jax.random.key(0), batch)["params"])
   hlo = jax.jit(lambda p, b: served.apply({"params": p}, b, 19, method=served.prefill)
                 ).lower(p, batch).compile().as_text()
-  # Per layer the whole layer is one call (test_cpu_decoder_layer.py) that writes it.
-  target = "SaisaDecoderLayer" if serve_layout == "per_layer" else "SaisaAttentionPrefill"
-  assert f'custom_call_target="{target}"' in hlo
+  # The whole layer is one call (test_cpu_decoder_layer.py) that writes it.
+  assert 'custom_call_target="SaisaDecoderLayer"' in hlo
   moved = re.findall(r"= f32\[[^\]]*\]\S* (transpose|pad)\(", hlo)
   assert not moved, moved
 
@@ -246,7 +246,7 @@ MESH_CHECK = """
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from saisa_jax.models.attention import attend, mask_bias
-from saisa_jax.train import mesh as mesh_lib
+from saisa_jax.core import mesh as mesh_lib
 import test_cpu_attention as t
 mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 q, k, v, mask, cot = t._inputs(b=4, tq=24, tk=30)
@@ -294,7 +294,7 @@ def test_prefill_and_decode_with_cpu_kernel_equal_einsum(alignment, serve_layout
   """Prefill and three decode steps with the kernel: the cache and the logits equal
   the einsum path's."""
   from model_equality import LLM, VISION, image
-  from saisa_jax.models.layer_layout import for_serving
+  from saisa_jax.backends.serving import for_serving
   cfgs = [ModelConfig(LLM, VISION, alignment=alignment, attention=a, attention_block=4,
                       serve_layout=serve_layout) for a in ("einsum", "cpu")]
   samples = [pack_sample([[1, 2, 3], image(0), [4, 5]], 4),
@@ -320,16 +320,16 @@ def test_prefill_and_decode_with_cpu_kernel_equal_einsum(alignment, serve_layout
   for i, (a, b) in enumerate(zip(got_caches, ref_caches)):
     # Padding rows' keys past layer 0 are meaningless (attend's docstring): compared
     # at valid slots only.
-    valid = np.asarray(b["valid"])
-    np.testing.assert_array_equal(a["valid"], valid)
+    valid = np.asarray(b.valid)
+    np.testing.assert_array_equal(a.valid, valid)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
       name = jax.tree_util.keystr(path)
       assert x.shape == y.shape and x.dtype == y.dtype, (i, name)
       x, y = np.asarray(x), np.asarray(y)
-      if name[:5] in ("['k']", "['v']"):  # [..., B, Hkv, hd, S] / [..., B, Hkv, S, hd]
+      if name[:3] in (".k[", ".v[") or name in (".k", ".v"):  # [..., B, Hkv, hd, S] / [..., B, Hkv, S, hd]
         shape = [1] * x.ndim
         shape[x.ndim - 4] = valid.shape[0]
-        shape[x.ndim - (1 if name[2] == "k" else 2)] = valid.shape[1]
+        shape[x.ndim - (1 if name[1] == "k" else 2)] = valid.shape[1]
         x, y = (np.where(valid.reshape(shape), z, 0) for z in (x, y))
       if x.dtype.kind == "f":
         _close(x, y, f"cache {i} {name}")

@@ -1,5 +1,5 @@
 """A CLIP vision layer under model.attention=cpu in the serving layout: the C++ kernel
-(models/cpu_kernels/clip_layer.cc, via XLA FFI) equals the same layer in XLA ops
+(backends/cpu/kernels/clip_layer.cc, via XLA FFI) equals the same layer in XLA ops
 (LayerNorm, Q/K/V with biases, attention over every patch, output projection,
 quick-GELU MLP), forward and gradients, at several widths, head counts and row counts
 off its 12-row tiles; the served tower calls it once a layer and equals XLA's tower and
@@ -13,13 +13,14 @@ import pytest
 from model_equality import close as _close
 
 try:
-  from saisa_jax.models.cpu_library import ensure_registered
+  from saisa_jax.backends.cpu.library import ensure_registered
   ensure_registered()
 except RuntimeError as e:  # no C++ compiler on this machine: the kernel cannot exist here
   pytest.skip(str(e), allow_module_level=True)
 
 from saisa_jax.models import clip
-from saisa_jax.models import cpu_clip_layer as C
+from saisa_jax.backends.cpu import clip_layer as C
+from saisa_jax.backends.cpu import serving as cpu_serving
 
 EPS = 1e-5
 
@@ -79,8 +80,14 @@ def test_bad_shapes_are_clear_errors():
   assert not C.supported(48, 96, 12) and C.supported(1024, 4096, 64)
 
 
+def _served(tower, params, images):
+  """The tower as the CPU backend serves it (backends/cpu/serving.py)."""
+  with cpu_serving.routes():
+    return tower.apply({"params": params}, images)
+
+
 def _tower_params(vcfg, images, seed=0):
-  tower = clip.VisionTower(vcfg, attention="cpu", layer_layout="per_layer")
+  tower = clip.VisionTower(vcfg, attention="cpu", per_layer=True)
   params = jax.jit(tower.init)(jax.random.key(seed), images)["params"]
   return tower, jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, params,
                              is_leaf=lambda a: hasattr(a, "value"))
@@ -94,18 +101,15 @@ def test_served_tower_calls_the_kernel_and_equals_xla():
                       num_layers=3, num_heads=4, select_layer=-2)
   images = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)), jnp.float32)
   tower, params = _tower_params(vcfg, images)
-  fn = jax.jit(lambda p, x: tower.apply({"params": p}, x))
+  fn = jax.jit(lambda p, x: _served(tower, p, x))
   assert fn.lower(params, images).as_text().count("SaisaClipLayer") == vcfg.layers_used
-  original = clip.VisionLayer._fused
-  try:
-    clip.VisionLayer._fused = lambda self: False
-    want = jax.jit(lambda p, x: tower.apply({"params": p}, x))(params, images)
-  finally:
-    clip.VisionLayer._fused = original
+  with cpu_serving.without("clip_layer"):
+    want = jax.jit(lambda p, x: _served(tower, p, x))(params, images)
   _close(fn(params, images), want, "features")
   stacked = clip.VisionTower(vcfg, attention="cpu")
   sp = stacked.init(jax.random.key(0), images)
-  assert "SaisaClipLayer" not in jax.jit(stacked.apply).lower(sp, images).as_text()
+  assert "SaisaClipLayer" not in jax.jit(
+      lambda p, x: _served(stacked, p["params"], x)).lower(sp, images).as_text()
 
 
 def test_served_tower_equals_hf_clip():
@@ -123,8 +127,8 @@ def test_served_tower_equals_hf_clip():
   images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     want = hf(oracles.pixels_nchw(images), output_hidden_states=True).hidden_states[-2][:, 1:]
-  tower = clip.VisionTower(vcfg, attention="cpu", layer_layout="per_layer")
-  fn = jax.jit(lambda p, x: tower.apply({"params": p}, x))
+  tower = clip.VisionTower(vcfg, attention="cpu", per_layer=True)
+  fn = jax.jit(lambda p, x: _served(tower, p, x))
   assert fn.lower(vision, images).as_text().count("SaisaClipLayer") == vcfg.layers_used
   got = np.asarray(fn(vision, images))
   assert np.abs(got - want.numpy()).max() <= 1e-4

@@ -1,5 +1,5 @@
 """A decoder layer under model.attention=cpu in the serving layout: the C++ kernel
-(models/cpu_kernels/decoder_layer.cc, via XLA FFI) equals the same layer in XLA ops
+(backends/cpu/kernels/decoder_layer.cc, via XLA FFI) equals the same layer in XLA ops
 (RMSNorm, Q/K/V with RoPE, softmax attention after SAISA's visual keys, output
 projection, SwiGLU FFN), forward and gradients, with and without a bias or extra keys,
 with grouped-query heads and widths that are not multiples of its 32-column panels;
@@ -14,12 +14,13 @@ import pytest
 from model_equality import close as _close
 
 try:
-  from saisa_jax.models.cpu_library import ensure_registered
+  from saisa_jax.backends.cpu.library import ensure_registered
   ensure_registered()
 except RuntimeError as e:  # no C++ compiler on this machine: the kernel cannot exist here
   pytest.skip(str(e), allow_module_level=True)
 
-from saisa_jax.models import cpu_decoder_layer as L
+from saisa_jax.backends.cpu import serving as cpu_serving
+from saisa_jax.backends.cpu import decoder_layer as L
 from saisa_jax.models.masks import position_mask
 from saisa_jax.models.rope import inverse_frequencies, rope_tables
 
@@ -132,7 +133,7 @@ def test_served_model_calls_the_kernel_and_equals_xla(alignment):
   kernel call a layer, and XLA's logits and KV cache without it."""
   from saisa_jax.models import llama
   from saisa_jax.models.build import build
-  from saisa_jax.models.layer_layout import for_serving
+  from saisa_jax.backends.serving import for_serving
   from saisa_jax.tools import bench
   model, cfg = build(bench.model_config("tiny", alignment, attention="cpu"))
   data = {k: jnp.asarray(v) for k, v in bench.bench_batch(cfg, 2, 8).items()
@@ -146,12 +147,8 @@ def test_served_model_calls_the_kernel_and_equals_xla(alignment):
   for name, fn in calls.items():
     assert jax.jit(fn).lower(sp, data).as_text().count("SaisaDecoderLayer") == cfg.llm.num_layers
     got = jax.jit(fn)(sp, data)
-    original = llama.DecoderLayer._fused_layer
-    try:
-      llama.DecoderLayer._fused_layer = lambda self, rows: False
+    with cpu_serving.without("decoder_layer"):
       want = jax.jit(fn)(sp, data)
-    finally:
-      llama.DecoderLayer._fused_layer = original
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       if jnp.issubdtype(w.dtype, jnp.floating):
         _close(g, w, name)

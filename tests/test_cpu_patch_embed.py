@@ -1,5 +1,5 @@
 """The tower's patch embedding under model.attention=cpu: the C++ kernel
-(models/cpu_kernels/patch_embed.cc, via XLA FFI) equals XLA's convolution with
+(backends/cpu/kernels/patch_embed.cc, via XLA FFI) equals XLA's convolution with
 kernel = stride = patch, forward and gradients, across its tilings (narrow widths,
 widths past one 64-float chunk whose kernel columns it packs, patch counts that do
 not fill a tile), and under a mesh it runs per batch shard. Tolerance: 1e-5 of the
@@ -16,12 +16,12 @@ import pytest
 from model_equality import close as _close
 
 try:
-  from saisa_jax.models.cpu_library import ensure_registered
+  from saisa_jax.backends.cpu.library import ensure_registered
   ensure_registered()
 except RuntimeError as e:  # no C++ compiler on this machine: the kernel cannot exist here
   pytest.skip(str(e), allow_module_level=True)
 
-from saisa_jax.models.cpu_patch_embed import conv_patch_embed, patch_embed
+from saisa_jax.backends.cpu.patch_embed import conv_patch_embed, patch_embed
 
 
 def _inputs(b, size, patch, ch, width, seed=0):
@@ -64,17 +64,22 @@ def test_tower_under_attention_cpu_calls_the_kernel():
   x = _inputs(2, 28, 14, 3, 16)[0]
   towers = {impl: VisionTower(cfg, attention=impl) for impl in ("cpu", "einsum")}
   params = towers["einsum"].init(jax.random.key(0), x)
-  text = jax.jit(towers["cpu"].apply).lower(params, x).as_text()
+  from saisa_jax.backends.cpu import serving as cpu_serving
+
+  def served(p, x):  # as the CPU backend serves the tower (backends/cpu/serving.py)
+    with cpu_serving.routes():
+      return towers["cpu"].apply(p, x)
+  text = jax.jit(served).lower(params, x).as_text()
   assert "SaisaPatchEmbed" in text and "convolution" not in text
-  _close(towers["cpu"].apply(params, x), towers["einsum"].apply(params, x), "tower")
+  _close(served(params, x), towers["einsum"].apply(params, x), "tower")
 
 
 MESH_CHECK = """
 import flax.linen as nn, jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from saisa_jax.models.clip import _cpu_sharded
-from saisa_jax.models.cpu_patch_embed import conv_patch_embed
-from saisa_jax.train import mesh as mesh_lib
+from saisa_jax.backends.cpu.patch_embed import sharded as _cpu_sharded
+from saisa_jax.backends.cpu.patch_embed import conv_patch_embed
+from saisa_jax.core import mesh as mesh_lib
 import test_cpu_patch_embed as t
 mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 x, k, cot = t._inputs(4, 28, 14, 3, 32)

@@ -1,5 +1,5 @@
 """SAISA's visual pass under model.attention=cpu: the C++ kernel
-(models/cpu_kernels/visual_kv.cc, via XLA FFI) equals the same computation in XLA ops
+(backends/cpu/kernels/visual_kv.cc, via XLA FFI) equals the same computation in XLA ops
 (projector, exact GELU, RMSNorm, key and value projections, RoPE on the keys), forward
 and gradients, across row counts that fill several row blocks or none, widths that are
 not multiples of its 32-column panels and heads of any even width; the per-layer
@@ -14,12 +14,13 @@ import pytest
 from model_equality import close as _close
 
 try:
-  from saisa_jax.models.cpu_library import ensure_registered
+  from saisa_jax.backends.cpu.library import ensure_registered
   ensure_registered()
 except RuntimeError as e:  # no C++ compiler on this machine: the kernel cannot exist here
   pytest.skip(str(e), allow_module_level=True)
 
-from saisa_jax.models.cpu_visual_kv import reference, visual_kv
+from saisa_jax.backends.cpu import serving as cpu_serving
+from saisa_jax.backends.cpu.visual_kv import reference, visual_kv
 from saisa_jax.models.rope import inverse_frequencies, rope_tables
 
 EPS = 1e-5
@@ -70,7 +71,7 @@ def test_serving_layout_calls_the_kernel_and_equals_xla(layout):
   """saisa prefill at attention=cpu: per_layer runs the kernel (one call a layer),
   stacked runs XLA's batched pass; either equals the same layout without the kernel."""
   from saisa_jax.models import llama
-  from saisa_jax.models.layer_layout import for_serving
+  from saisa_jax.backends.serving import for_serving
   from saisa_jax.tools import bench
   from saisa_jax.models.build import build
   model, cfg = build(bench.model_config("tiny", "saisa", attention="cpu"))
@@ -83,12 +84,8 @@ def test_serving_layout_calls_the_kernel_and_equals_xla(layout):
   text = jax.jit(prefill).lower(sp, data).as_text()
   assert text.count("SaisaVisualKV") == (cfg.llm.num_layers if layout == "per_layer" else 0)
   got = jax.jit(prefill)(sp, data)
-  original = llama.DecoderLayer._fused_visual_kv
-  try:
-    llama.DecoderLayer._fused_visual_kv = lambda self: False
+  with cpu_serving.without("visual_kv"):
     want = jax.jit(prefill)(sp, data)
-  finally:
-    llama.DecoderLayer._fused_visual_kv = original
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     if jnp.issubdtype(w.dtype, jnp.floating):
       _close(g, w, "prefill")

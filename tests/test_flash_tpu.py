@@ -1,4 +1,4 @@
-"""The Pallas TPU flash attention (models/flash_tpu.py), run through Pallas' interpreter
+"""The Pallas TPU flash attention (backends/attention/flash_tpu.py), run through Pallas' interpreter
 on CPU, against the dense einsum path: outputs and gradients at float32 tolerance
 (1e-5 relative), for every alignment's mask, padding, GQA, multi-tile shapes and under
 a mesh; and its Mosaic compile for a TPU topology (libtpu)."""
@@ -11,7 +11,7 @@ import pytest
 
 from saisa_jax.models import masks
 from saisa_jax.models.attention import attend, mask_bias
-from saisa_jax.models.flash_tpu import flash_attend
+from saisa_jax.backends.attention.flash_tpu import flash_attend
 from model_equality import assert_model_equals_einsum, close as _close
 
 
@@ -58,7 +58,7 @@ def test_skipped_tiles_repeat_the_last_block_so_nothing_is_copied(kv_inner):
   """_fetch_map: along the inner axis a tile with a visible key reads its own block; a
   skipped one repeats the block read last (the first visible one before any), so the
   blocks copied per row are exactly its visible tiles."""
-  from saisa_jax.models.flash_tpu import _fetch_map, _pad_mask, _tile_bounds
+  from saisa_jax.backends.attention.flash_tpu import _fetch_map, _pad_mask, _tile_bounds
   q, k, v, q_pos, k_pos, k_vis, k_valid = _problem(0, b=2, tq=600, n_vis=300)
   pm = masks.position_mask(q_pos, jnp.zeros(q_pos.shape, bool), k_pos, k_vis, k_valid, "saisa")
   bq = bk = 128
@@ -109,8 +109,8 @@ import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from saisa_jax.models import masks
 from saisa_jax.models.attention import attend
-from saisa_jax.models.flash_tpu import flash_attend
-from saisa_jax.train import mesh as mesh_lib
+from saisa_jax.backends.attention.flash_tpu import flash_attend
+from saisa_jax.core import mesh as mesh_lib
 import test_flash_tpu as t
 mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 q, k, v, q_pos, k_pos, k_vis, k_valid = t._problem(6, b=4, tq=40, n_vis=30)
@@ -155,7 +155,7 @@ import jax, jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
 from saisa_jax.models import masks
-from saisa_jax.models.flash_tpu import flash_attend
+from saisa_jax.backends.attention.flash_tpu import flash_attend
 dev = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
 S = lambda s, t=jnp.bfloat16: jax.ShapeDtypeStruct(s, t, sharding=SingleDeviceSharding(dev))
 def loss(q, k, v, qi, ki):

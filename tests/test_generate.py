@@ -119,8 +119,8 @@ import jax, numpy as np
 sys.path.insert(0, {here!r})
 from test_generate import PROMPTS, _model
 from saisa_jax.eval.generate import SamplingConfig, generate
-from saisa_jax.train.mesh import make_mesh, DEFAULT_RULES
-from saisa_jax.train.state import sharded_abstract_params
+from saisa_jax.core.mesh import make_mesh, DEFAULT_RULES
+from saisa_jax.core.state import sharded_abstract_params
 import flax.linen as nn
 model, cfg, params = _model("saisa")
 params = nn.meta.unbox(params)

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from saisa_jax import hugepages
+from saisa_jax.backends.cpu import hugepages
 
-_CHILD = ("import os, sys; from saisa_jax import hugepages; hugepages.reexec(); "
+_CHILD = ("import os, sys; from saisa_jax.backends.cpu import hugepages; hugepages.reexec(); "
           "print('TUNABLES=' + os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])")
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from saisa_jax.batch import collate, pack_sample
+from saisa_jax.backends import serving
 from saisa_jax.models import layer_layout
 from saisa_jax.models.build import build
 from saisa_jax.models.config import LlamaConfig, ModelConfig, VisionConfig, from_config
@@ -61,7 +62,7 @@ def test_per_layer_model_equals_stacked(alignment):
   """Forward logits, and prefill + 3 decode steps, on a mixed batch (image mid-text,
   text only, two images, padding), at 1e-5 of the logits' scale."""
   model, params, batch = _setup(alignment)
-  served, sparams = layer_layout.for_serving(
+  served, sparams = serving.for_serving(
       model.clone(cfg=dataclasses.replace(model.cfg, serve_layout="per_layer")), params)
   assert served.cfg.layer_layout == "per_layer"
   valid = np.asarray(batch["text_mask"])[..., None]
@@ -87,29 +88,29 @@ def test_per_layer_decode_step_updates_the_donated_cache_in_place():
   """No copy of a cache buffer in the compiled step (written before read: see
   DecoderLayer); the donated cache is the output's."""
   model, params, batch = _setup("llava", serve_layout="per_layer")
-  model, params = layer_layout.for_serving(model, params)
+  model, params = serving.for_serving(model, params)
   _, cache = jax.jit(lambda p, b: model.apply({"params": p}, b, 24, method=model.prefill))(
       params, batch)
   step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=model.decode_step),
                  donate_argnums=2)
   tokens = jnp.zeros((3,), jnp.int32)
   hlo = step.lower(params, tokens, cache).compile().as_text()
-  shapes = {re.escape(f"f32[{','.join(map(str, a.shape))}]") for a in cache["k"] + cache["v"]}
+  shapes = {re.escape(f"f32[{','.join(map(str, a.shape))}]") for a in cache.k + cache.v}
   copies = [l for l in hlo.splitlines()
             if re.search(r"= (%s)\{[0-9,]*\} copy\(" % "|".join(shapes), l)]
   assert not copies, copies[:3]
-  old = cache["k"][0].unsafe_buffer_pointer()
+  old = cache.k[0].unsafe_buffer_pointer()
   _, new = step(params, tokens, cache)
-  assert new["k"][0].unsafe_buffer_pointer() == old
+  assert new.k[0].unsafe_buffer_pointer() == old
 
 
 def test_serve_layout_auto_is_per_layer_on_cpu_and_configs_are_checked():
   model, params, _ = _setup("saisa")
   assert jax.default_backend() == "cpu"
-  served, _ = layer_layout.for_serving(model, params)
+  served, _ = serving.for_serving(model, params)
   assert served.cfg.layer_layout == "per_layer"
   kept = model.clone(cfg=dataclasses.replace(model.cfg, serve_layout="stacked"))
-  assert layer_layout.for_serving(kept, params)[1] is params
+  assert serving.for_serving(kept, params)[1] is params
   with pytest.raises(ValueError, match="layer_layout"):
     ModelConfig(LLM, VISION, layer_layout="rows")
   with pytest.raises(ValueError, match="serve_layout"):
@@ -130,7 +131,7 @@ def test_bf16_serving_weights_compute_the_same_function_bit_for_bit(alignment, t
   model, _ = build(cfg)
   _, _, batch = _setup(alignment)
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
-  served, cast = layer_layout.for_serving(model, params)
+  served, cast = serving.for_serving(model, params)
   kinds = {(a.ndim >= 2, str(a.dtype)) for a in jax.tree.leaves(cast)}
   assert kinds == {(True, "bfloat16"), (False, "float32")}, kinds
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))  # left as it was
@@ -150,4 +151,4 @@ def test_bf16_serving_weights_compute_the_same_function_bit_for_bit(alignment, t
   # float32 models are served from their weights as they are.
   f32, _ = build(dataclasses.replace(cfg, dtype="float32"))
   assert all(a.dtype == jnp.float32
-             for a in jax.tree.leaves(layer_layout.for_serving(f32, params)[1]))
+             for a in jax.tree.leaves(serving.for_serving(f32, params)[1]))

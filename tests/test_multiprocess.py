@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from saisa_jax.train.checkpoint import load_config, load_params
+from saisa_jax.core.checkpoint import load_config, load_params
 from train_helpers import small_config, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

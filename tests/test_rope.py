@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saisa_jax.models.layer_layout import for_serving
+from saisa_jax.backends.serving import for_serving
 from saisa_jax.models.rope import inverse_frequencies, rope_tables
 from test_layer_layout import _setup
 
@@ -29,12 +29,19 @@ def test_a_forward_evaluates_cos_and_sin_once(alignment, layout):
   per-layer visual keys are rotated at their own positions), however many layers read
   them: XLA:CPU had fused the transcendentals into each layer's rotation. (In a scanned
   stack the layers share one body, so only unrolled layers show the difference: as
-  served on CPU, and as the bench's train step runs.)"""
+  served on CPU, and as the bench's train step runs.) The tables' fusion boundary is
+  the CPU backend's (backends/cpu/serving.py): traced under its routes, as the CPU
+  backend's model runs."""
+  from saisa_jax.backends.cpu import serving as cpu_serving
   model, params, batch = _setup(alignment, scan_unroll=3)
   if layout == "per_layer":
     model, params = for_serving(model, params)
   assert model.cfg.llm.num_layers == 3
-  hlo = jax.jit(lambda p, b: model.apply({"params": p}, b)).lower(params, batch).compile().as_text()
+
+  def forward(p, b):
+    with cpu_serving.routes():
+      return model.apply({"params": p}, b)
+  hlo = jax.jit(forward).lower(params, batch).compile().as_text()
   tables = 2 if alignment == "saisa" else 1
   # Each table's cos and sin stand in the two (identical) branches of one conditional.
   assert len(re.findall(r"\bcosine\(", hlo)) == 2 * tables, alignment

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from saisa_jax.train.compiles import CompileWatch, RecompileError
-from saisa_jax.train.mesh import make_mesh
+from saisa_jax.core.mesh import make_mesh
 from saisa_jax.train.trainer import _Preempted, run_stage
 from train_helpers import small_config
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from saisa_jax.train.checkpoint import load_params
+from saisa_jax.core.checkpoint import load_params
 from train_helpers import small_config, write_config
 
 
@@ -89,7 +89,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(embedded, tmp_path):
 
 _SAVE_TERM = """
 import os, signal, sys
-from saisa_jax.train import checkpoint
+from saisa_jax.core import checkpoint
 original = checkpoint.Checkpoints.save
 calls = []
 

@@ -15,9 +15,9 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     from train_helpers import small_config
     from saisa_jax.data.pipeline import make_iterator
-    from saisa_jax.train.mesh import make_mesh
+    from saisa_jax.core.mesh import make_mesh
     from saisa_jax.train.stages import stage_config
-    from saisa_jax.train.state import init_state
+    from saisa_jax.core.state import init_state
     from saisa_jax.train.trainer import setup_stage, to_global
 
     sc = stage_config(small_config({embedded!r}), "finetune")

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from saisa_jax.data.pipeline import make_iterator
-from saisa_jax.train.mesh import make_mesh
+from saisa_jax.core.mesh import make_mesh
 from saisa_jax.train.stages import stage_config
-from saisa_jax.train.state import init_state
+from saisa_jax.core.state import init_state
 from saisa_jax.train.step import TRAIN_KEYS
 from saisa_jax.train.trainer import run_stage, setup_stage, to_global
 from train_helpers import small_config

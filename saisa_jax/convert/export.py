@@ -37,13 +37,13 @@ import shutil
 import jax
 import numpy as np
 
-from saisa_jax import paths
+from saisa_jax.core import paths
 from saisa_jax.convert import layout
 from saisa_jax.convert.safetensors_io import Entry, write_sharded
 from saisa_jax.models.build import build
 from saisa_jax.models.config import ModelConfig, from_config
-from saisa_jax.train import checkpoint as ckpt_lib
-from saisa_jax.train.state import abstract_params
+from saisa_jax.core import checkpoint as ckpt_lib
+from saisa_jax.core.state import abstract_params
 
 SAISA_TOWER = "model.vision_tower.vision_tower.vision_model."
 IMAGE_TOKEN = "<image>"

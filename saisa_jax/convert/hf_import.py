@@ -45,9 +45,9 @@ from saisa_jax.models.build import build
 from saisa_jax.models.clip import VisionTower
 from saisa_jax.models.config import ModelConfig, from_config
 from saisa_jax.models.projectors import MLPProjector
-from saisa_jax.train import checkpoint as ckpt_lib
-from saisa_jax.train import mesh as mesh_lib
-from saisa_jax.train.state import abstract_params
+from saisa_jax.core import checkpoint as ckpt_lib
+from saisa_jax.core import mesh as mesh_lib
+from saisa_jax.core.state import abstract_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json",

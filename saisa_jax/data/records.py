@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from saisa_jax import paths
+from saisa_jax.core import paths
 
 # Every way a record can be unusable. The pipeline counts skips per kind, in this order.
 KINDS = (

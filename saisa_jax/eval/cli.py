@@ -23,12 +23,13 @@ from ml_collections import config_flags
 import jax
 import ml_collections
 
-from saisa_jax import distributed, hugepages, paths
+from saisa_jax import backends
+from saisa_jax.core import distributed, paths
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
-from saisa_jax.train import checkpoint as ckpt_lib
-from saisa_jax.train.mesh import make_mesh, rules_from_config
-from saisa_jax.train.state import sharded_abstract_params
+from saisa_jax.core import checkpoint as ckpt_lib
+from saisa_jax.core.mesh import make_mesh, rules_from_config
+from saisa_jax.core.state import sharded_abstract_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config with eval sets.",
                                           lock_config=True)
@@ -49,7 +50,7 @@ def eval_config(config, model_config) -> ml_collections.ConfigDict:
 
 
 def main(argv=None):
-  hugepages.reexec(argv)  # first: restarts the process with THP malloc (hugepages.py)
+  backends.prepare_process(argv)  # first: a CPU process restarts with THP malloc (backends/cpu/hugepages.py)
   app.run(_main, argv=argv)
 
 

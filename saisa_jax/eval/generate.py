@@ -22,10 +22,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
-from saisa_jax import distributed
+from saisa_jax.core import distributed
 from saisa_jax.batch import collate, pack_sample
-from saisa_jax.models.layer_layout import for_serving
-from saisa_jax.train.mesh import InMesh, global_batch
+from saisa_jax.backends.serving import for_serving
+from saisa_jax.core.mesh import InMesh, global_batch
 
 _CALLS = itertools.count()  # names the hosts' agreements of each generate() call
 
@@ -55,7 +55,7 @@ def sample_token(logits, rng, temperature: float, top_p: float):
 
 class Generator:
   """Holds the jitted prefill / decode of one model (compiled once per shape), in the
-  layer layout model.serve_layout names (layer_layout.for_serving: per layer on CPU)."""
+  layer layout model.serve_layout names (backends/serving.for_serving: per layer on CPU)."""
 
   def __init__(self, model, params, mesh=None, rules=None):
     self.mesh = mesh if mesh is not None and mesh.size > 1 else None

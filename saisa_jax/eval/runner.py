@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from saisa_jax import distributed, paths
+from saisa_jax.core import distributed, paths
 from saisa_jax.data import images as images_lib
 from saisa_jax.data.config import resolve_vision
 from saisa_jax.data.examples import prompt_segments

@@ -66,12 +66,12 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype; params are always float32
   remat: str = "none"           # none | full | dots | dots_no_batch
   scan_unroll: int = 1          # layers unrolled per scan step (num_layers: fully)
-  # einsum | cpu (fused C++ kernel for XLA:CPU, float32: models/cpu_attention.py) |
+  # The implementation attention.attend calls (saisa_jax/backends/attention/):
+  # einsum | cpu (fused C++ kernel for XLA:CPU, float32: backends/cpu/attention.py) |
   # dot_product (jax.nn.dot_product_attention, its XLA implementation) | cudnn
   # (the same call with cuDNN's fused flash attention: NVIDIA GPUs, bf16/fp16) | flash
-  # (Pallas TPU kernel, mask as positions: models/flash_tpu.py) | flash_interpret (the
-  # same kernel interpreted, any backend; slow, for tests). Decoder and tower use it;
-  # under cpu the tower's patch embedding runs in C++ too (cpu_patch_embed.py).
+  # (Pallas TPU kernel, mask as positions: backends/attention/flash_tpu.py) | flash_interpret (the
+  # same kernel interpreted, any backend; slow, for tests). Decoder and tower use it.
   attention: str = "einsum"
   # Flash attention tile (query rows = key columns), a multiple of 128.
   flash_block: int = 256
@@ -115,21 +115,9 @@ class ModelConfig:
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention={self.attention!r}; choose einsum, cpu (CPU), "
                        "dot_product, cudnn (GPU), flash (TPU) or flash_interpret")
-    if self.attention == "cpu":
-      from saisa_jax.models.cpu_attention import supported_head_dim
-      for name, hd in self.head_dims():
-        if not supported_head_dim(hd):
-          raise ValueError(f"model.attention=cpu needs head dims of 16, 32, 64, 128 or 256; "
-                           f"model.{name} has {hd}: use attention=einsum")
-    if self.attention == "cudnn":
-      if self.dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"model.attention=cudnn runs in bfloat16 or float16, but "
-                         f"model.dtype={self.dtype!r}; set model.dtype=bfloat16 (or use "
-                         "attention=dot_product / einsum in float32)")
-      for name, hd in self.head_dims():
-        if hd % 8 or hd > 256:
-          raise ValueError(f"model.attention=cudnn needs head dims that are multiples of 8 "
-                           f"up to 256; model.{name} has {hd}: use attention=dot_product")
+    # What the implementation itself cannot run (head dims, dtypes): its own check.
+    from saisa_jax.backends import attention as impls
+    impls.get(self.attention).check(self)
     if self.flash_block <= 0 or self.flash_block % 128:
       raise ValueError(f"model.flash_block={self.flash_block}; use a positive multiple of "
                        "128 (TPU lanes)")

@@ -1,18 +1,18 @@
-"""The two ways a model holds its layer stacks (model.layer_layout), and the switch.
+"""The two ways a model holds its layer stacks (model.layer_layout: stack.py), and the
+conversion between them.
 
   stacked    params decoder/layers/*, vision/layers/* with a leading [layers] axis,
              run by nn.scan: what training, checkpoints and exports use.
   per_layer  decoder/layers_0/*, layers_1/*, ... (and vision/layers_i): a Python loop
-             over separate modules. What serving uses on CPU: a scan step slices its
-             layer's weights and KV cache out of the stacks, and XLA:CPU copies every
-             slice before using it (a decode step then moves the weights twice).
+             over separate modules. What serving uses on CPU (backends/serving.py): a
+             scan step slices its layer's weights and KV cache out of the stacks, and
+             XLA:CPU copies every slice before using it.
 
 The conversion runs once, outside jit, on concrete arrays (each per-layer array becomes
 its own buffer). Both layouts compute the same function (tests/test_layer_layout.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import flax.linen as nn
@@ -61,13 +61,6 @@ def to_stacked(params: dict) -> dict:
   return out
 
 
-def serving_layout(cfg) -> str:
-  """model.serve_layout with auto resolved: per_layer on a CPU backend, else stacked."""
-  if cfg.serve_layout != "auto":
-    return cfg.serve_layout
-  return "per_layer" if jax.default_backend() == "cpu" else "stacked"
-
-
 def serving_weights(params: dict, dtype: str) -> dict:
   """Matrices (ndim >= 2: kernels, embeddings, CLIP's position table) in the compute
   dtype when it is not float32; vectors (norm scales and biases) stay float32.
@@ -82,17 +75,3 @@ def serving_weights(params: dict, dtype: str) -> dict:
   want = dtype_of(dtype)
   return jax.tree.map(lambda a: a.astype(want) if a.ndim >= 2 and a.dtype == jnp.float32
                       else a, nn.meta.unbox(params))
-
-
-def for_serving(model, params):
-  """(model, params) in the layout serve_layout names, matrices in the compute dtype
-  (serving_weights) -> (model', params'). The returned params are new buffers when
-  converted; `params` is left as it was."""
-  want = serving_layout(model.cfg)
-  params = serving_weights(params, model.cfg.dtype)
-  if want == model.cfg.layer_layout:
-    return model, params
-  cfg = dataclasses.replace(model.cfg, layer_layout=want,
-                            remat="none" if want == "per_layer" else model.cfg.remat)
-  convert = to_per_layer if want == "per_layer" else to_stacked
-  return model.clone(cfg=cfg), convert(params)

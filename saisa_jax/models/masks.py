@@ -35,6 +35,15 @@ def attention_mask(q_pos, q_visual, k_pos, k_visual, k_valid, alignment: str):
   return mask
 
 
+HIDDEN = -1e30  # bias of a hidden key: exp underflows to exactly 0, never inf - inf
+
+
+def mask_bias(mask):
+  """bool[B, Q, K] -> float32[B, Q, K]: 0 where visible, HIDDEN where not (the mask as
+  the "bias" attention implementations take it)."""
+  return jnp.where(mask, jnp.float32(0), jnp.float32(HIDDEN))
+
+
 # The same mask as per-token information, for flash attention (flash_tpu.py):
 #   q_info = 2 * q_pos + q_visual, k_info = 2 * k_pos + k_visual (invalid keys: k_pos =
 #   HIDDEN_POS), and a tile's mask is derived from its rows and columns in the kernel.

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,27 +25,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: tuple | None = Non
 
 def rope_tables(positions, inv_freq):
   """positions int32[B, T] -> (cos, sin) float32[B, T, head_dim], computed once for
-  every layer.
-
-  On XLA:CPU the transcendentals are computed inside a conditional whose two branches
-  are the same function: XLA fuses an elementwise producer into each of its consumers,
-  so cos and sin were evaluated per element of every layer's [B, T, heads, head_dim]
-  queries and keys (smollm2's forward at 640 rows: 9 + 3 heads x 30 layers, ~60 of
-  its 1440 ms), and neither an optimization barrier nor XLA's cost model stops that.
-  A conditional is a fusion boundary; its predicate, a value XLA cannot fold, does not
-  matter. (A reduction as the boundary was slower: XLA:CPU's reduce ran the fused cos
-  at ~10x its loop cost.) Elsewhere the plain tables: an accelerator recomputes them
-  for free, and XLA:GPU would read a conditional's predicate on the host.
-  tests/test_rope.py checks the compiled CPU program."""
+  every layer."""
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-
-  def halves(f):
-    return jnp.cos(f), jnp.sin(f)
-  if jax.default_backend() == "cpu" and freqs.size:
-    first = freqs.reshape(-1)[0]
-    cos, sin = jax.lax.cond(first == first, halves, halves, freqs)
-  else:
-    cos, sin = halves(freqs)
+  cos, sin = jnp.cos(freqs), jnp.sin(freqs)
   return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 

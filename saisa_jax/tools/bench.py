@@ -21,7 +21,7 @@ layers a step (default: all). FLOPs are XLA's count of the same function compile
 memory is XLA's arguments + temporaries of the timed program. The train step is the
 stage-2 recipe's (LLM + projector(s) trained, CLIP tower frozen; --train_tower trains it
 too), in both stacks. Like the other entry points it restarts itself with glibc's
-hugetlb malloc (saisa_jax/hugepages.py); the PyTorch peers run each in a child
+hugetlb malloc (saisa_jax/backends/cpu/hugepages.py); the PyTorch peers run each in a child
 process with the default malloc (faster for it); on an accelerator they all run first,
 with the device to themselves. --rounds N benches every stack N times, the order
 reversed each round (on a CPU the peer takes its turn with ours); the table pools the
@@ -54,10 +54,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from saisa_jax import hugepages
+from saisa_jax import backends
+from saisa_jax.backends.cpu import hugepages
 from saisa_jax import presets
 from saisa_jax.models.build import build
-from saisa_jax.models.layer_layout import for_serving, serving_layout
+from saisa_jax.backends.serving import for_serving, serving_layout
 from saisa_jax.tools import bench_rounds
 from saisa_jax.tools import host_probe
 from saisa_jax.tools.host_probe import usable_cpus
@@ -139,7 +140,7 @@ def resolve_attention(attention: str, preset: str, dtype: str) -> str:
   """--attention auto -> the fastest implementation this backend has for the preset."""
   if attention != "auto":
     return attention
-  from saisa_jax.models import cpu_attention
+  from saisa_jax.backends.cpu import attention as cpu_attention
   llm_name, tower, _ = PRESETS[preset]
   llm = presets.lookup(presets.LLMS, llm_name, "llm")
   dims = (llm["hidden_size"] // llm["num_heads"], tower["hidden_size"] // tower["num_heads"])
@@ -247,14 +248,15 @@ def bench_jax(preset: str, alignment: str, batch: int, text: int, decode_steps: 
               repeats: int, train_tower: bool = False, train_unroll: str = "full",
               stats: bool = True, **model_kw) -> dict:
   """model_kw: dtype, remat, llm_layers, attention (model_config). Forward, prefill
-  and decode run in the serving layout (layer_layout.for_serving), the train step in
+  and decode run in the serving layout (backends/serving.for_serving), the train step in
   the stacked layout with `train_unroll` layers unrolled per scan step. stats=False
   (a later round) times only: no FLOP count, no memory analysis."""
   compiled_stats = _compiled_stats if stats else lambda *args: {}
   model, cfg = build(model_config(preset, alignment, **model_kw))
   counted, _ = build(model_config(preset, alignment, unrolled=True, **model_kw))
   unroll = 1 << 30 if train_unroll == "full" else int(train_unroll)
-  trained, _ = build(model_config(preset, alignment, scan_unroll=unroll, **model_kw))
+  trained = backends.for_training(
+      build(model_config(preset, alignment, scan_unroll=unroll, **model_kw))[0])
   data = {k: jnp.asarray(v) for k, v in bench_batch(cfg, batch, text).items()}
   infer = {k: v for k, v in data.items() if k not in ("targets", "loss_mask")}
   params = jax.jit(model.init)(jax.random.key(0), infer)["params"]
@@ -533,7 +535,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv=None):
-  hugepages.reexec(argv)  # first: restarts the process with THP malloc (hugepages.py)
+  backends.prepare_process(argv)  # first: a CPU process restarts with THP malloc (backends/cpu/hugepages.py)
   app.run(_main, argv=argv)
 
 

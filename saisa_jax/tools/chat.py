@@ -13,7 +13,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 import jax
 
-from saisa_jax import hugepages
+from saisa_jax import backends
 from saisa_jax.data import images as images_lib
 from saisa_jax.data.config import resolve_vision
 from saisa_jax.data.examples import prompt_segments
@@ -21,7 +21,7 @@ from saisa_jax.data.tokenizer import load_tokenizer
 from saisa_jax.eval.generate import Generator, SamplingConfig
 from saisa_jax.batch import collate, pack_sample
 from saisa_jax.models.build import build
-from saisa_jax.train import checkpoint as ckpt_lib
+from saisa_jax.core import checkpoint as ckpt_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model dir or training workdir.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file(s); repeat for several.")
@@ -81,7 +81,7 @@ class Chat:
 
 
 def main(argv=None):
-  hugepages.reexec(argv)  # first: restarts the process with THP malloc (hugepages.py)
+  backends.prepare_process(argv)  # first: a CPU process restarts with THP malloc (backends/cpu/hugepages.py)
   app.run(_main, argv=argv)
 
 

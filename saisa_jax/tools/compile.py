@@ -46,7 +46,7 @@ from saisa_jax.models.build import dummy_batch
 from saisa_jax.models.attention import is_flash
 from saisa_jax.models.config import from_config
 from saisa_jax.tools.tpu_specs import chip_spec
-from saisa_jax.train.mesh import InMesh, batch_sharding, make_mesh
+from saisa_jax.core.mesh import InMesh, batch_sharding, make_mesh
 from saisa_jax.train.stages import stage_config, stage_names
 from saisa_jax.train.step import TRAIN_KEYS
 from saisa_jax.train import trainer
@@ -127,12 +127,14 @@ def train_batch(cfg, batch: int, text: int, images: int, mesh) -> dict:
           for k in TRAIN_KEYS}
 
 
-def cache_shardings(mesh, cache: dict) -> dict:
-  """KV cache: k / v are [layers, B, ...] (batch on axis 1), the rest [B, ...]."""
+def cache_shardings(mesh, cache):
+  """kv_cache.KVCache (stacked): k / v are [layers, B, ...] (batch on axis 1), the
+  rest [B, ...]."""
   def batch_on(ndim, axis):
     spec = batch_sharding(mesh, ndim - axis).spec
     return NamedSharding(mesh, PartitionSpec(*([None] * axis), *spec))
-  return {k: batch_on(v.ndim, 1 if k in ("k", "v") else 0) for k, v in cache.items()}
+  return jax.tree.map(lambda a: batch_on(a.ndim, 0), cache).replace(
+      k=batch_on(cache.k.ndim, 1), v=batch_on(cache.v.ndim, 1))
 
 
 @dataclasses.dataclass

@@ -30,7 +30,7 @@ from saisa_jax.data.records import IMAGE_TOKEN
 from saisa_jax.data.templates import IMAGE_ID, prompt_ids, tokenizer_image_token
 from saisa_jax.data.tokenizer import load_tokenizer
 from saisa_jax.models.build import build
-from saisa_jax.train import checkpoint as ckpt_lib
+from saisa_jax.core import checkpoint as ckpt_lib
 
 
 def build_inputs(config, tokenizer, prompt: str, template: str, image_bytes: bytes | None,

@@ -5,7 +5,7 @@ import io
 import json
 import os
 
-from saisa_jax import paths
+from saisa_jax.core import paths
 
 
 def plot_curves(workdir: str, out: str | None = None, title: str = "") -> str:

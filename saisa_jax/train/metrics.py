@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from saisa_jax import paths
+from saisa_jax.core import paths
 
 
 class MetricWriter:

@@ -48,7 +48,7 @@ def check_stages(config, num_processes: int = 1) -> None:
   trainable regex, batch arithmetic) before the first step of the first stage: a typo
   in the last stage must not surface after hours of the first. Raises ValueError
   listing every problem with the stage and field to fix."""
-  from saisa_jax import paths
+  from saisa_jax.core import paths
   from saisa_jax.data.templates import get_template
 
   problems = []

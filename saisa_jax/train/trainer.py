@@ -32,19 +32,20 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from saisa_jax import distributed, hugepages, paths
+from saisa_jax import backends
+from saisa_jax.core import distributed, paths
 from saisa_jax.batch import pad_length
 from saisa_jax.data.pipeline import elastic_start, make_iterator
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
-from saisa_jax.train import checkpoint as ckpt_lib
+from saisa_jax.core import checkpoint as ckpt_lib
 from saisa_jax.train.compiles import CompileWatch
 from saisa_jax.train.curves import plot_curves
-from saisa_jax.train.mesh import InMesh, global_batch, make_mesh, rules_from_config
+from saisa_jax.core.mesh import InMesh, global_batch, make_mesh, rules_from_config
 from saisa_jax.train.metrics import MetricWriter, progress_line
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.stages import check_stages, stage_config, stage_names
-from saisa_jax.train.state import abstract_params, init_state, state_shardings
+from saisa_jax.core.state import abstract_params, init_state, state_shardings
 from saisa_jax.train.step import TRAIN_KEYS, make_train_step
 from saisa_jax.train.workdir_binding import check_and_bind
 
@@ -133,6 +134,7 @@ class StageSetup:
 def setup_stage(sc, mesh) -> StageSetup:
   """Model, optimizer, state shardings and the jitted, sharded, donating step."""
   model, cfg = build(sc.model)
+  model = backends.for_training(model)  # the model as this machine's backend runs it
   rules = rules_from_config(sc.mesh.rules)
   tx, lr_fn, trainable = make_optimizer(sc.optim, nn.meta.unbox(abstract_params(model, cfg)))
   abstract_state, shardings = state_shardings(model, cfg, tx, mesh, rules)
@@ -236,7 +238,7 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
 
 
 def main(argv=None):
-  hugepages.reexec(argv)  # first: restarts the process with THP malloc (hugepages.py)
+  backends.prepare_process(argv)  # first: a CPU process restarts with THP malloc (backends/cpu/hugepages.py)
   app.run(_main, argv=argv)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from saisa_jax import distributed, paths
+from saisa_jax.core import distributed, paths
 from saisa_jax.data.tokenizer import load_tokenizer
 
 FILE = "run.json"

@@ -27,7 +27,7 @@ import json
 import os
 from typing import Any, Callable
 
-from saisa_jax import paths
+from saisa_jax.core import paths
 
 IMAGE_TOKEN = "<image>"
 # LLaVA-1.5's answer-format prompts (Table 7 of the LLaVA-1.5 paper).

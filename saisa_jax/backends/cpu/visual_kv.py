@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import jax.numpy as jnp
 
-from saisa_jax.models.cpu_library import ensure_registered
+from saisa_jax.backends.cpu.library import ensure_registered
 
 
 def reference(feats, w1, b1, w2, b2, scale, wk, wv, cos, sin, eps: float):

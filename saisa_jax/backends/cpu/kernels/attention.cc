@@ -201,19 +201,6 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                      lse->typed_data());
 }
 
-// Forward() that also writes the prefill's KV cache.
-ffi::Error Prefill(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::AnyBuffer mask, int64_t causal_from,
-                   int64_t kind, int64_t slots, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> kc,
-                   ffi::ResultBuffer<ffi::F32> vc) {
-  if (kc->element_count() != vc->element_count())
-    return ffi::Error::InvalidArgument("cpu attention: the cache's k and v must match");
-  return run_forward(pool, q, k, v, mask, causal_from, kind, o->typed_data(),
-                     lse->typed_data(), kc->typed_data(), vc->typed_data(),
-                     kc->element_count(), slots);
-}
-
 // q [B, T, H, D], k, v [B, K, Hkv, D], o, lse (the forward's), dO -> dq, dk, dv.
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::AnyBuffer mask,
@@ -262,20 +249,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionForward, Forward,
                                   .Arg<ffi::AnyBuffer>()
                                   .Attr<int64_t>("causal_from")
                                   .Attr<int64_t>("mask")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SaisaAttentionPrefill, Prefill,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("causal_from")
-                                  .Attr<int64_t>("mask")
-                                  .Attr<int64_t>("slots")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

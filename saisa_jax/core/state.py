@@ -11,7 +11,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from saisa_jax.models.build import abstract_variables, dummy_batch
-from saisa_jax.train.mesh import logical_shardings
+from saisa_jax.core.mesh import logical_shardings
 
 
 def abstract_params(model, cfg):

@@ -1,5 +1,5 @@
 """CLIP's patch embedding in the C++ kernel of cpu_kernels/patch_embed.cc (XLA FFI,
-float32, XLA:CPU); the tower uses it under model.attention=cpu (clip.PatchEmbed).
+float32, XLA:CPU); the served tower uses it under model.attention=cpu (serving.py).
 
 Shapes: images float[B, H, W, C] (NHWC), kernel float[P, P, C, F] (HWIO) -> float[B,
 H/P, W/P, F], the same as lax.conv_general_dilated with window = stride = P. F must
@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from saisa_jax.models.cpu_library import ensure_registered
+from saisa_jax.backends.cpu.library import ensure_registered
 
 
 def conv_patch_embed(images, kernel):
@@ -22,13 +22,20 @@ def conv_patch_embed(images, kernel):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def supported(images_shape, kernel_shape) -> bool:
+  """Shapes the kernel takes: whole patches, a width that is a multiple of 16."""
+  _, h, w, _ = images_shape
+  p, _, _, f = kernel_shape
+  return h % p == 0 and w % p == 0 and f % 16 == 0
+
+
 @jax.custom_vjp
 def patch_embed(images, kernel):
   """See module docstring; float32 in and out."""
   ensure_registered()
   b, h, w, _ = images.shape
   p, _, _, f = kernel.shape
-  if h % p or w % p or f % 16:
+  if not supported(images.shape, kernel.shape):
     raise ValueError(f"cpu patch embedding: images {h}x{w} must be multiples of the patch "
                      f"{p} and the width {f} a multiple of 16 (use attention=einsum)")
   return jax.ffi.ffi_call("SaisaPatchEmbed",
@@ -47,3 +54,16 @@ def _bwd(res, g):
 
 
 patch_embed.defvjp(_fwd, _bwd)
+
+
+def sharded(images, kernel):
+  """patch_embed under the ambient mesh as a shard_map over the batch: a custom call is
+  opaque to XLA's partitioner, which would gather the images on every device. The
+  kernel is replicated into it (the tower is small beside the LLM)."""
+  from saisa_jax.backends.attention.sharding import ambient_mesh, row_spec
+  mesh = ambient_mesh()
+  if mesh is None:
+    return patch_embed(images, kernel)
+  rows = row_spec(mesh, images.shape)
+  return jax.shard_map(patch_embed, mesh=mesh, in_specs=(rows, jax.sharding.PartitionSpec()),
+                       out_specs=rows, check_vma=False)(images, kernel)

@@ -21,10 +21,10 @@ import threading
 import jax
 import jaxlib
 
-_DIR = os.path.join(os.path.dirname(__file__), "cpu_kernels")
+_DIR = os.path.join(os.path.dirname(__file__), "kernels")
 _SOURCES = ("attention.cc", "clip_layer.cc", "decoder_layer.cc", "patch_embed.cc", "visual_kv.cc")
 _HEADERS = ("simd.h", "attention_fwd.h", "gemm.h", "rows.h")
-_TARGETS = ("SaisaAttentionForward", "SaisaAttentionBackward", "SaisaAttentionPrefill",
+_TARGETS = ("SaisaAttentionForward", "SaisaAttentionBackward",
             "SaisaPatchEmbed", "SaisaVisualKV", "SaisaDecoderLayer", "SaisaClipLayer")
 _LOCK = threading.Lock()
 _LIB: list = []  # the loaded library, once registered

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saisa_jax.models.cpu_attention import (BIAS, NAAVIT, POSITION, mask_operand,
+from saisa_jax.backends.cpu.attention import (BIAS, NAAVIT, POSITION, mask_operand,
                                             operand_cotangent, operand_mask)
-from saisa_jax.models.cpu_library import ensure_registered
+from saisa_jax.backends.cpu.library import ensure_registered
 
 
 class LayerWeights(NamedTuple):
@@ -40,7 +40,7 @@ class LayerWeights(NamedTuple):
 
 def supported(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> bool:
   """Shapes the kernel takes: widths multiples of 16, head dim 16-256 a power of two."""
-  from saisa_jax.models.cpu_attention import supported_head_dim
+  from saisa_jax.backends.cpu.attention import supported_head_dim
   return (hidden % 16 == 0 and intermediate % 16 == 0 and heads % kv_heads == 0
           and supported_head_dim(head_dim))
 

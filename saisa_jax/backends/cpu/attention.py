@@ -1,5 +1,5 @@
 """attention=cpu: the fused C++ attention kernel of cpu_kernels/attention.cc, called
-through XLA's FFI (float32, XLA:CPU); cpu_library.py compiles it on first use.
+through XLA's FFI (float32, XLA:CPU); backends/cpu/library.py compiles it on first use.
 
 Shapes: q float32[B, Q, H, D], k/v float32[B, K, Hkv, D], mask None (every key
 visible), a float32[B, Q, K] bias or a masks.PositionMask -> float32[B, Q, H, D]; D a
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saisa_jax.models import masks
-from saisa_jax.models.cpu_library import ensure_registered
+from saisa_jax.backends.cpu.library import ensure_registered
 
 # The kernels' `mask` attribute (attention_fwd.h MaskKind).
 NO_MASK, BIAS, POSITION, NAAVIT = 0, 1, 2, 3
@@ -65,28 +65,6 @@ def attend(q, k, v, mask, causal_from: int | None = None):
   op, kind = mask_operand(mask)
   return _attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                  op, cf, kind).astype(q.dtype)
-
-
-def attend_prefill(q, k, v, mask, causal_from: int | None, slots: int):
-  """attend() that also returns the prefill's KV cache in attention.attend_cached's
-  layouts: (out float[B, Q, H, D], k float32[B, Hkv, D, S] keys transposed, v
-  float32[B, Hkv, S, D]), zero past the K keys. The kernel writes the cache from the
-  by-column copies it makes anyway. Inference only (no gradient)."""
-  ensure_registered()
-  b, tq, h, d = q.shape
-  tk, hkv = k.shape[1], k.shape[2]
-  if slots < tk:
-    raise ValueError(f"cache_size {slots} < the prompt's {tk} keys")
-  cf = keys_read(causal_from, tk)
-  op, kind = mask_operand(mask)
-  f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out, _, kc, vc = jax.ffi.ffi_call(
-      "SaisaAttentionPrefill",
-      (f32(q.shape), f32((b, h, tq)), f32((b, hkv, d, slots)), f32((b, hkv, slots, d))),
-      vmap_method="sequential")(
-          q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), op,
-          causal_from=cf, mask=kind, slots=slots)
-  return out.astype(q.dtype), kc, vc
 
 
 def keys_read(causal_from: int | None, tk: int) -> int:

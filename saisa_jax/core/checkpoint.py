@@ -23,7 +23,7 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 
-from saisa_jax import distributed, paths
+from saisa_jax.core import distributed, paths
 
 
 class _IteratorState:

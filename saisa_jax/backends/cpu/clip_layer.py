@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saisa_jax.models.cpu_library import ensure_registered
+from saisa_jax.backends.cpu.library import ensure_registered
 
 
 class ClipWeights(NamedTuple):
@@ -45,7 +45,7 @@ class ClipWeights(NamedTuple):
 
 def supported(hidden: int, intermediate: int, head_dim: int) -> bool:
   """Shapes the kernel takes: widths multiples of 16, head dim 16-256 a power of two."""
-  from saisa_jax.models.cpu_attention import supported_head_dim
+  from saisa_jax.backends.cpu.attention import supported_head_dim
   return hidden % 16 == 0 and intermediate % 16 == 0 and supported_head_dim(head_dim)
 
 
