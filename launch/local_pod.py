@@ -6,7 +6,7 @@
 
 Each process gets what a pod host gets: the coordinator address (process 0's port on
 localhost), the process count and its own id (JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID, read by saisa_jax/distributed.py), and D simulated
+JAX_NUM_PROCESSES, JAX_PROCESS_ID, read by saisa_jax/core/distributed.py), and D simulated
 CPU devices, so the job sees one global mesh of N x D devices. Output lines are
 prefixed with the process index. As on a pod, the job is all or nothing: when one
 process dies the others are killed and the launcher exits with the failing code.

@@ -127,7 +127,7 @@ def test_even_padding_for_cudnn_changes_nothing(tq, tk, with_bias):
   """The padding that model.attention=cudnn applies to odd lengths (jax refuses to
   differentiate them through cuDNN), run through XLA's implementation on CPU: outputs
   and gradients equal the unpadded einsum path's."""
-  from saisa_jax.models.attention import _dot_product
+  from saisa_jax.backends.attention.dot_product import _dot_product
   q, k, v, mask = _inputs(tq=tq, tk=tk)
   bias = mask_bias(mask) if with_bias else None
   cot = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)

@@ -1,4 +1,4 @@
-"""The entry points' re-exec with glibc's hugetlb tunable (saisa_jax/hugepages.py)."""
+"""The entry points' re-exec with glibc's hugetlb tunable (saisa_jax/backends/cpu/hugepages.py)."""
 import os
 import subprocess
 import sys

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from saisa_jax.models.build import dummy_batch
-from saisa_jax.models.attention import is_flash
+from saisa_jax.backends.attention import is_flash
 from saisa_jax.models.config import from_config
 from saisa_jax.tools.tpu_specs import chip_spec
 from saisa_jax.core.mesh import InMesh, batch_sharding, make_mesh

@@ -32,3 +32,8 @@ def get(impl: str):
   except ImportError as e:
     raise ImportError(f"model.attention={impl!r} needs a backend that is not installed "
                       f"here ({e}); model.attention=einsum runs everywhere") from e
+
+
+def is_flash(impl: str) -> bool:
+  """Is `impl` the Pallas TPU kernel (flash_tpu.py)?"""
+  return IMPLS.get(impl) == "flash"
