@@ -131,7 +131,6 @@ def test_worth_it_keeps_xla_for_few_rows_of_big_weights():
 def test_served_model_calls_the_kernel_and_equals_xla(alignment):
   """prefill and forward of the served (per-layer) tiny model at attention=cpu: one
   kernel call a layer, and XLA's logits and KV cache without it."""
-  from saisa_jax.models import llama
   from saisa_jax.models.build import build
   from saisa_jax.backends.serving import for_serving
   from saisa_jax.tools import bench

@@ -70,7 +70,6 @@ def test_shapes_the_kernel_does_not_take_are_clear_errors():
 def test_serving_layout_calls_the_kernel_and_equals_xla(layout):
   """saisa prefill at attention=cpu: per_layer runs the kernel (one call a layer),
   stacked runs XLA's batched pass; either equals the same layout without the kernel."""
-  from saisa_jax.models import llama
   from saisa_jax.backends.serving import for_serving
   from saisa_jax.tools import bench
   from saisa_jax.models.build import build

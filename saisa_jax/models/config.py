@@ -86,14 +86,14 @@ class ModelConfig:
   visual_pass: str = "scan"
   # How the module holds its layers (decoder and tower): "stacked" (one params subtree
   # with a leading [layers] axis, run by nn.scan: training, checkpoints, exports) or
-  # "per_layer" (layers_0, layers_1, ...: a Python loop). Configs always build
-  # stacked; serving converts to what serve_layout names (models/layer_layout.py). Why per_layer serves faster on CPU: a
-  # scan step slices its layer's weights and KV cache out of the stacks, and XLA:CPU
-  # copies each slice before the matmul (smollm2 decode 49.7 -> 42.2 ms a step).
+  # "per_layer" (layers_0, layers_1, ...: a Python loop; models/stack.py). Configs
+  # always build stacked; serving converts to what serve_layout names
+  # (backends/serving.py: per layer on CPU, where XLA copies each slice of a scan's
+  # stacks before using it).
   layer_layout: str = "stacked"
-  # The layout eval, chat and saisa-bench serve with: auto (per_layer on a CPU backend,
-  # else stacked: accelerators' scans slice in place and compile once per layer stack),
-  # stacked or per_layer.
+  # The layout eval, chat and saisa-bench serve with (backends/serving.py): auto
+  # (per_layer on a CPU backend, else stacked: accelerators' scans slice in place and
+  # compile once per layer stack), stacked or per_layer.
   serve_layout: str = "auto"
 
   def head_dims(self):
