@@ -93,6 +93,12 @@ class SaisaModel(nn.Module):
     """masks.attention_mask in the form model.attention takes it (attention.mask_for)."""
     return mask_for(self.cfg.attention, q_pos, q_visual, k_pos, k_visual, k_valid, alignment)
 
+  @staticmethod
+  def has_images(batch, features=None) -> bool:
+    """Does the batch carry images (or their tower_features) in at least one slot?"""
+    return ((batch.get("images") is not None or features is not None)
+            and batch["image_slots"].shape[1] > 0)
+
   def _forward(self, batch, return_kv: bool = False, features=None):
     """-> (text hidden float[B, L, d] in the batch's token order, kv or None, key
     positions int32[B, K], key validity bool[B, K]). `features` (tower_features),
@@ -103,8 +109,7 @@ class SaisaModel(nn.Module):
     decoder may skip the scores above the diagonal (attention.py). The keys, and so
     the KV cache, are [visual (N*P); rows]: saisa's visual keys first, unsorted."""
     tokens, positions, text_mask = batch["tokens"], batch["positions"], batch["text_mask"]
-    has_images = ((batch.get("images") is not None or features is not None)
-                  and batch["image_slots"].shape[1] > 0)
+    has_images = self.has_images(batch, features)
     x = self.decoder.embed(tokens)
     q_visual = jnp.zeros(tokens.shape, bool)
     if not has_images:
@@ -148,11 +153,17 @@ class SaisaModel(nn.Module):
     kv_cache.KVCache of `cache_size` slots). `features`: the batch's tower_features,
     when already computed. In saisa mode the visual slots come from the batched visual
     pass; decode steps then cost text only."""
-    x, (k, v), k_pos, k_valid = self._forward(batch, return_kv=True, features=features)
+    return self._prefill_output(batch, *self._forward(batch, return_kv=True,
+                                                      features=features), cache_size)
+
+  def _prefill_output(self, batch, x, kv, k_pos, k_valid, cache_size: int,
+                      laid_out: bool = False):
+    """_forward's outputs -> prefill's (last rows' logits, KVCache); laid_out: kv is
+    already in the cache's layout (KVCache.from_prompt)."""
     lengths = batch["text_mask"].sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
-    cache = KVCache.from_prompt(k, v, k_pos, k_valid, batch["tokens"].shape[1], lengths,
-                                cache_size)
+    cache = KVCache.from_prompt(*kv, k_pos, k_valid, batch["tokens"].shape[1], lengths,
+                                cache_size, laid_out)
     return self.decoder.logits(last)[:, 0], cache
 
   def decode_step(self, tokens, cache: KVCache):

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from saisa_jax.models.clip import PatchEmbed, VisionLayer
-from saisa_jax.models.kv_cache import KVCache
 from saisa_jax.models.llama import Decoder, DecoderLayer
 from saisa_jax.models.mllm import SaisaModel
 
@@ -200,8 +199,8 @@ class CpuModel(SaisaModel):
         return super().prefill(batch, cache_size, features)
     # One interceptor only: nested ones would each see the call, the outer first.
     with nn.intercept_methods(functools.partial(_route, slots=cache_size)):
-      x, (k, v), k_pos, k_valid = self._forward(batch, return_kv=True, features=features)
-    return self._prefill_output(batch, x, k, v, k_pos, k_valid, cache_size)
+      out = self._forward(batch, return_kv=True, features=features)
+    return self._prefill_output(batch, *out, cache_size, laid_out=True)
 
   def _layers_fused(self, batch, features) -> bool:
     """Will _decoder_layer take every layer of this prefill (the rows it runs)?"""
@@ -209,18 +208,10 @@ class CpuModel(SaisaModel):
     c = self.cfg.llm
     dims = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.dim_per_head)
     b, rows = batch["tokens"].shape
-    has_images = ((batch.get("images") is not None or features is not None)
-                  and batch["image_slots"].shape[1] > 0)
-    if has_images and self.cfg.alignment != "saisa":  # the visual rows join the text
+    if self.has_images(batch, features) and self.cfg.alignment != "saisa":
+      # The visual rows join the text.
       rows += batch["image_slots"].shape[1] * self.cfg.vision.num_patches
     return decoder_layer.supported(*dims) and decoder_layer.worth_it(b * rows, *dims)
-
-  def _prefill_output(self, batch, x, k, v, k_pos, k_valid, cache_size):
-    lengths = batch["text_mask"].sum(axis=1).astype(jnp.int32)
-    last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
-    cache = KVCache.from_prompt(k, v, k_pos, k_valid, batch["tokens"].shape[1], lengths,
-                                cache_size, laid_out=True)
-    return self.decoder.logits(last)[:, 0], cache
 
   def decode_step(self, tokens, cache):
     with nn.intercept_methods(_route):
