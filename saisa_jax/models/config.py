@@ -59,6 +59,41 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EASConfig:
+  """EAS (../shared/reference/eas.md): attention sublayers skipped, a PIA adapter per
+  layer. A skipped layer computes x + FFN(gamma2 * PIA(RMSNorm1(x))) and has no
+  keys/values (models/eas.py)."""
+  skip: tuple = ()           # layer indices whose attention is skipped (sorted, unique)
+  width: int = 256           # PIA hidden width h
+  groups: int = 2            # PIA's up-projections B, D: block-diagonal in this many groups
+  temperature: float = 10.0  # router softmax temperature T
+  scale: float = 1.0         # s
+  up_init: str = "zeros"     # B, D init: zeros (PIA starts as the identity) | xavier
+  kept_adapter: bool = False  # kept layers carry a small adapter before attention
+  kept_width: int = 128
+  # Serving: fold each skipped layer's PIA and gamma2 into its FFN's gate / up weights
+  # per sequence after the prefill, so a decode step there is one norm + one FFN.
+  fold: bool = False
+
+  def __post_init__(self):
+    if self.up_init not in ("zeros", "xavier"):
+      raise ValueError(f"model.eas.up_init={self.up_init!r}; choose zeros or xavier")
+    if self.width <= 0 or self.width % self.groups:
+      raise ValueError(f"model.eas.width={self.width} must be a positive multiple of "
+                       f"model.eas.groups={self.groups}")
+    if len(set(self.skip)) != len(self.skip) or tuple(sorted(self.skip)) != tuple(self.skip):
+      raise ValueError(f"model.eas.skip={self.skip}: list each layer once, in order")
+
+  def kinds(self, num_layers: int) -> tuple:
+    """Per layer: True where its attention is skipped."""
+    bad = [l for l in self.skip if not 0 <= l < num_layers]
+    if bad:
+      raise ValueError(f"model.eas.skip names layers {bad}; the LLM has layers "
+                       f"0..{num_layers - 1}")
+    return tuple(l in self.skip for l in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   llm: LlamaConfig
   vision: VisionConfig
@@ -95,6 +130,13 @@ class ModelConfig:
   # (per_layer on a CPU backend, else stacked: accelerators' scans slice in place and
   # compile once per layer stack), stacked or per_layer.
   serve_layout: str = "auto"
+  # EAS adapters and skipped layers (None: a model without them).
+  eas: Optional[EASConfig] = None
+
+  @property
+  def skipped(self) -> tuple:
+    """Per decoder layer: True where EAS skips its attention."""
+    return self.eas.kinds(self.llm.num_layers) if self.eas else (False,) * self.llm.num_layers
 
   def head_dims(self):
     """(name, head dim) of the decoder and the tower: what attention kernels check."""
@@ -126,6 +168,11 @@ class ModelConfig:
                        "positive number of query rows per block")
     if self.visual_pass not in ("vmap", "scan"):
       raise ValueError(f"model.visual_pass={self.visual_pass!r}; choose vmap or scan")
+    if self.eas is not None:
+      self.eas.kinds(self.llm.num_layers)
+      if self.llm.hidden_size % self.eas.groups:
+        raise ValueError(f"model.eas.groups={self.eas.groups} does not divide the LLM "
+                         f"width {self.llm.hidden_size}")
 
   @property
   def num_visual(self) -> int:
@@ -141,6 +188,23 @@ def _rope_scaling(value) -> Optional[tuple]:
     raise ValueError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
   return ("llama3", float(value["factor"]), float(value["low_freq_factor"]),
           float(value["high_freq_factor"]), int(value["original_max_position_embeddings"]))
+
+
+def eas_from_config(section) -> Optional[EASConfig]:
+  """config.model.eas (absent, or enabled=False: no EAS) -> EASConfig."""
+  if not section or not section.get("enabled", True):
+    return None
+  fields = {f.name for f in dataclasses.fields(EASConfig)}
+  unknown = sorted(set(dict(section)) - fields - {"enabled"})
+  if unknown:
+    raise ValueError(f"config.model.eas has unknown fields {unknown}; known: {sorted(fields)}")
+  kw = {k: v for k, v in dict(section).items() if k in fields}
+  if "skip" in kw:
+    skip = kw["skip"]
+    if isinstance(skip, str):
+      skip = [int(t) for t in skip.replace(",", " ").split()]
+    kw["skip"] = tuple(sorted(int(l) for l in skip))
+  return EASConfig(**kw)
 
 
 def from_config(model: Any) -> ModelConfig:
@@ -167,4 +231,5 @@ def from_config(model: Any) -> ModelConfig:
       flash_block=int(get(model, "flash_block", 256)),
       visual_pass=get(model, "visual_pass", "scan"),
       serve_layout=get(model, "serve_layout", "auto"),
+      eas=eas_from_config(get(model, "eas")),
   )

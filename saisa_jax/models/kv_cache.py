@@ -9,6 +9,9 @@
   valid  bool[B, S]    slot holds a key
   write  int32[B]      next free slot
   next_pos int32[B]    sequence position of the next token
+  skip_ctx             EAS: what the skipped layers' decode steps read (their prefill's
+                       PIA context (u, r), or their folded FFNs), stacked over those
+                       layers; they have no slots. None without EAS.
 
 Slots are in the forward's key order: [visual (N*P); rows sorted by position] (SAISA's
 visual keys come from the batched visual pass), then one slot per decoded token.
@@ -32,6 +35,7 @@ class KVCache:
   valid: jax.Array
   write: jax.Array
   next_pos: jax.Array
+  skip_ctx: Any = None
 
   @property
   def per_layer(self) -> bool:
@@ -39,7 +43,7 @@ class KVCache:
 
   @classmethod
   def from_prompt(cls, k, v, k_pos, k_valid, rows: int, lengths, size: int,
-                  laid_out: bool = False) -> "KVCache":
+                  laid_out: bool = False, skip_ctx=None) -> "KVCache":
     """The prompt's keys/values as the layer stack returned them, k / v float[layers,
     B, K, Hkv, hd] (or per-layer lists of [B, K, Hkv, hd]), k_pos int32[B, K], k_valid
     bool[B, K]; rows: the stack's rows per sample (keys - rows are SAISA's visual keys,
@@ -65,7 +69,7 @@ class KVCache:
     else:
       k, v = keys_t(k), values_t(v)
     return cls(
-        k=k, v=v,
+        k=k, v=v, skip_ctx=skip_ctx,
         pos=jnp.pad(k_pos, ((0, 0), (0, pad))),
         valid=jnp.pad(k_valid, ((0, 0), (0, pad))),
         # Slot keys - rows + length_b and all after it were never valid: row b's keys

@@ -41,6 +41,18 @@ def _ungather_rows(order, x):
   return _gather_rows(jnp.argsort(order, axis=1), x)[0]
 
 
+def _context_rows(batch, positions, valid):
+  """EAS's PIA context: the prompt, i.e. the valid rows up to the first supervised
+  token (the row whose target it is included: the last row a prefill would see), or
+  every valid row when the batch has no loss_mask (serving). positions int32[B, R],
+  valid bool[B, R] -> bool[B, R]."""
+  if batch.get("loss_mask") is None:
+    return valid
+  sup = (batch["loss_mask"] > 0) & batch["text_mask"]
+  first = jnp.min(jnp.where(sup, batch["positions"], jnp.iinfo(jnp.int32).max), axis=1)
+  return valid & (positions <= first[:, None])
+
+
 def _visual_then_text(vis_pos, vis_valid, positions, text_mask):
   """-> positions int32[B, V + L], validity and is-visual bool[B, V + L] of the rows
   [visual; text]."""
@@ -99,54 +111,73 @@ class SaisaModel(nn.Module):
     return ((batch.get("images") is not None or features is not None)
             and batch["image_slots"].shape[1] > 0)
 
-  def _forward(self, batch, return_kv: bool = False, features=None):
-    """-> (text hidden float[B, L, d] in the batch's token order, kv or None, key
-    positions int32[B, K], key validity bool[B, K]). `features` (tower_features),
-    when given, stand in for the tower on batch["images"] (which may then be absent).
+  def _forward(self, batch, return_kv: bool = False, features=None, skip=None):
+    """-> (text hidden float[B, L, d] in the batch's token order, kv, key positions
+    int32[B, K], key validity bool[B, K]); kv is None, or with return_kv (k, v, the
+    EAS-skipped layers' PIA contexts or None). `features` (tower_features), when
+    given, stand in for the tower on batch["images"] (which may then be absent).
 
     The layers see their rows (text; [visual; text] for llava / naavit) sorted by
     sequence position, padding last, so that no row attends to a later row and the
     decoder may skip the scores above the diagonal (attention.py). The keys, and so
-    the KV cache, are [visual (N*P); rows]: saisa's visual keys first, unsorted."""
+    the KV cache, are [visual (N*P); rows]: saisa's visual keys first, unsorted.
+    EAS: skip bool[layers] (traced) sets the skipped layers of this pass (the search);
+    PIA's context is the prompt (_context_rows)."""
     tokens, positions, text_mask = batch["tokens"], batch["positions"], batch["text_mask"]
     has_images = self.has_images(batch, features)
+    eas = self.cfg.eas is not None
     x = self.decoder.embed(tokens)
     q_visual = jnp.zeros(tokens.shape, bool)
+    ctx = _context_rows(batch, positions, text_mask) if eas else None
+
+    def run(x, positions, mask, visual_kv=None, causal_from=0, ctx=None):
+      """-> (x, None or (k, v, the skipped layers' contexts or None))."""
+      out = self.decoder(x, positions, mask, visual_kv, causal_from=causal_from,
+                         return_kv=return_kv, ctx_mask=ctx, skip=skip)
+      if not return_kv:
+        return out, None
+      return out[0], (*out[1], out[2] if len(out) > 2 else None)
+
+    def gather(order, *arrays):  # ctx (None without EAS) travels with the rows
+      return _gather_rows(order, *arrays, *([ctx] if eas else [])) + ([] if eas else [None])
+
     if not has_images:
       order = _position_order(positions, text_mask)
-      x, positions, text_mask = _gather_rows(order, x, positions, text_mask)
+      x, positions, text_mask, ctx = gather(order, x, positions, text_mask)
       mask = self._mask(positions, q_visual, positions, q_visual, text_mask,
                         self.cfg.alignment)
-      out = self.decoder(x, positions, mask, causal_from=0, return_kv=return_kv)
-      x, kv = out if return_kv else (out, None)
+      x, kv = run(x, positions, mask, ctx=ctx)
       return _ungather_rows(order, x), kv, positions, text_mask
 
     feats, vis_pos, vis_valid = self.image_features(batch, features)
     n_vis = vis_pos.shape[1]
     if self.cfg.alignment == "saisa":
-      # Text rows only; every layer's visual keys/values come from one pass over f.
+      # Text rows only; every kept layer's visual keys/values come from one pass over f.
       order = _position_order(positions, text_mask)
-      x, positions, text_mask = _gather_rows(order, x, positions, text_mask)
+      x, positions, text_mask, ctx = gather(order, x, positions, text_mask)
       k_pos, k_valid, k_visual = _visual_then_text(vis_pos, vis_valid, positions, text_mask)
-      visual_kv = self.decoder.visual_kv(feats, vis_pos)
+      visual_kv = self.decoder.visual_kv(feats, vis_pos,
+                                         every_layer=self.decoder.dynamic_skip(skip))
       mask = self._mask(positions, q_visual, k_pos, k_visual, k_valid, "saisa")
-      out = self.decoder(x, positions, mask, visual_kv, causal_from=n_vis,
-                         return_kv=return_kv)
-      x, kv = out if return_kv else (out, None)
+      x, kv = run(x, positions, mask, visual_kv, n_vis, ctx)
       return _ungather_rows(order, x), kv, k_pos, k_valid
 
-    # llava / naavit: the visual rows join the text rows, in sequence order.
+    # llava / naavit: the visual rows join the text rows, in sequence order (and, with
+    # EAS, PIA's context: they are part of the prompt).
     x = jnp.concatenate([self.projector(feats).astype(x.dtype), x], axis=1)
     k_pos, k_valid, k_visual = _visual_then_text(vis_pos, vis_valid, positions, text_mask)
+    if eas:
+      ctx = _context_rows(batch, k_pos, k_valid)
     order = _position_order(k_pos, k_valid)
-    x, k_pos, k_valid, k_visual = _gather_rows(order, x, k_pos, k_valid, k_visual)
+    x, k_pos, k_valid, k_visual, ctx = gather(order, x, k_pos, k_valid, k_visual)
     mask = self._mask(k_pos, k_visual, k_pos, k_visual, k_valid, self.cfg.alignment)
-    out = self.decoder(x, k_pos, mask, causal_from=0, return_kv=return_kv)
-    x, kv = out if return_kv else (out, None)
+    x, kv = run(x, k_pos, mask, ctx=ctx)
     return _ungather_rows(order, x)[:, n_vis:], kv, k_pos, k_valid
 
-  def __call__(self, batch):
-    return self.decoder.logits(self._forward(batch)[0])
+  def __call__(self, batch, skip=None):
+    """-> logits float32[B, L, vocab]. skip: EAS's skipped layers for this pass,
+    bool[layers] (the search's samples); None: model.eas.skip."""
+    return self.decoder.logits(self._forward(batch, skip=skip)[0])
 
   def prefill(self, batch, cache_size: int, features=None):
     """Runs the prompt; returns (logits float32[B, vocab] of each row's last text token,
@@ -162,8 +193,11 @@ class SaisaModel(nn.Module):
     already in the cache's layout (KVCache.from_prompt)."""
     lengths = batch["text_mask"].sum(axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
-    cache = KVCache.from_prompt(*kv, k_pos, k_valid, batch["tokens"].shape[1], lengths,
-                                cache_size, laid_out)
+    k, v, skip_ctx = kv
+    if skip_ctx is not None and self.cfg.eas.fold:
+      skip_ctx = self.decoder.fold(skip_ctx)
+    cache = KVCache.from_prompt(k, v, k_pos, k_valid, batch["tokens"].shape[1], lengths,
+                                cache_size, laid_out, skip_ctx)
     return self.decoder.logits(last)[:, 0], cache
 
   def decode_step(self, tokens, cache: KVCache):
@@ -171,5 +205,5 @@ class SaisaModel(nn.Module):
     The layers read the (donated) cache in place; a step copies none of it."""
     mask, kv, write = cache.step_inputs(self.cfg.alignment)
     x = self.decoder.embed(tokens[:, None])
-    x, kv = self.decoder.decode(x, cache.next_pos[:, None], mask, kv, write)
+    x, kv = self.decoder.decode(x, cache.next_pos[:, None], mask, kv, write, cache.skip_ctx)
     return self.decoder.logits(x)[:, 0], cache.advance(kv)

@@ -20,14 +20,47 @@ def make_layers(make, n: int, per_layer: bool):
   return [make() for _ in range(n)] if per_layer else make()
 
 
+def segments(skipped) -> list[tuple[int, int, bool, int]]:
+  """Per-layer flags -> maximal runs (start, end, flag, index of `start` among the
+  layers with the same flag): the kept and skipped stretches of an EAS model."""
+  out, seen = [], {False: 0, True: 0}
+  for l, flag in enumerate(skipped):
+    if out and out[-1][2] == flag:
+      out[-1][1] = l + 1
+    else:
+      out.append([l, l + 1, flag, seen[flag]])
+    seen[flag] += 1
+  return [tuple(o) for o in out]
+
+
+def _slice_params(start: int, end: int):
+  def cut(leaf):
+    if isinstance(leaf, nn.meta.AxisMetadata):
+      return leaf.replace_boxed(leaf.unbox()[start:end])
+    return leaf[start:end]
+  return lambda params: jax.tree.map(cut, params,
+                                     is_leaf=lambda a: isinstance(a, nn.meta.AxisMetadata))
+
+
 def run_layers(layers, fn, carry, xs=None, *, length: int, remat: str = "none",
-               unroll: int = 1, vmap: bool = False):
+               unroll: int = 1, vmap: bool = False, span: tuple[int, int] | None = None):
   """fn(layer, carry, x_l) -> (carry, y_l) for every layer l -> (carry, ys).
 
   xs and ys have a leading [layers] axis in their leaves, or, for a per-layer stack,
   lists of the layers' values in place of those leaves (xs's other containers are
   tuples or dicts, never lists). vmap: the layers are
-  independent (fn ignores and returns the carry), batched as one pass."""
+  independent (fn ignores and returns the carry), batched as one pass. span (start,
+  end): only those layers of the `length`-layer stack (xs and ys then cover the span);
+  a stacked span scans a slice of the params (their gradient flows back to the whole)."""
+  if span is not None and tuple(span) != (0, length):
+    start, end = span
+    if isinstance(layers, (list, tuple)):
+      return run_layers(layers[start:end], fn, carry, xs, length=end - start, remat=remat,
+                        unroll=unroll, vmap=vmap)
+    inner = lambda mdl, c, x: run_layers(mdl, fn, c, x, length=end - start, remat=remat,
+                                         unroll=unroll, vmap=vmap)
+    return nn.map_variables(inner, "params", trans_in_fn=_slice_params(start, end),
+                            mutable=False)(layers, carry, xs)
   if isinstance(layers, (list, tuple)):
     ys = []
     for i, layer in enumerate(layers):

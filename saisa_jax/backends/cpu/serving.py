@@ -182,9 +182,9 @@ def _in_per_layer_tower(layer) -> bool:
 class CpuModel(SaisaModel):
   """SaisaModel whose entry points run under the CPU interceptor (module docstring)."""
 
-  def __call__(self, batch):
+  def __call__(self, batch, skip=None):
     with nn.intercept_methods(_route):
-      return super().__call__(batch)
+      return super().__call__(batch, skip)
 
   def tower_features(self, batch):
     with nn.intercept_methods(_route):
