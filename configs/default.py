@@ -3,6 +3,7 @@
   saisa-train --config configs/default.py --workdir DIR
   saisa-train --config configs/default.py --workdir DIR --config.model.alignment=llava
   saisa-train --config configs/default.py:blind=True --workdir DIR   (image-blind control)
+  saisa-train --config configs/default.py:layers=4 --workdir DIR     (the EAS base: configs/eas.py)
 
 Stage 1 (pretrain): captions, template plain. Stage 2 (finetune): questions,
 template vicuna_v1. Everything trains (the tower too: nothing here is pretrained).
@@ -17,7 +18,7 @@ from saisa_jax.data.config import get_data_config
 
 def get_config(arg=None):
   a = parse_arg(arg, alignment="saisa", blind=False, pretrain_steps=1500,
-                finetune_steps=5000, batch=64)
+                finetune_steps=5000, batch=64, layers=2)
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict(dict(
       alignment=a.alignment, dtype="float32", remat="none",
@@ -28,6 +29,7 @@ def get_config(arg=None):
       llm=presets.lookup(presets.LLMS, "tiny", "llm"),
       vision=presets.lookup(presets.TOWERS, "tiny", "tower")))
   c.model.llm.rope_scaling = ml_collections.FieldReference(None, field_type=dict)
+  c.model.llm.num_layers = a.layers
 
   c.data = get_data_config()
   c.data.batch_size = a.batch

@@ -142,13 +142,28 @@ def resolve_model_dir(path: str) -> str:
       f"training workdir whose finished stage wrote {path}/model")
 
 
-def load_params(directory: str, abstract_params=None):
+def load_params(directory: str, abstract_params=None, partial: bool = False):
   """-> params; `abstract_params` (ShapeDtypeStructs with shardings) places them on
   any mesh. Without it: on this process's default device, whatever mesh and process
-  count wrote them (read as numpy first: the writers' devices need not exist here)."""
+  count wrote them (read as numpy first: the writers' devices need not exist here).
+  partial: read only the params of `abstract_params` that the directory holds (a
+  model without the EAS adapters this one adds: the caller initialises the rest)."""
   directory = resolve_model_dir(directory)
   target = paths.join(directory, "params")
   if abstract_params is not None:
+    if partial:
+      import flax.traverse_util as tu
+      saved = tu.flatten_dict(ocp.PyTreeCheckpointer().metadata(target).item_metadata.tree,
+                              sep="/")
+      want = tu.flatten_dict(abstract_params, sep="/")
+      abstract_params = tu.unflatten_dict({k: v for k, v in want.items() if k in saved},
+                                          sep="/")
+      args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype,
+                                                         global_shape=a.shape),
+                          abstract_params)
+      return ocp.PyTreeCheckpointer().restore(
+          target, args=ocp.args.PyTreeRestore(item=abstract_params, restore_args=args,
+                                              partial_restore=True))
     return ocp.StandardCheckpointer().restore(target, abstract_params)
   ckpt = ocp.PyTreeCheckpointer()
   meta = ckpt.metadata(target).item_metadata.tree

@@ -7,6 +7,7 @@ on its devices (no host copy of a full model ever exists).
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -19,8 +20,9 @@ def abstract_params(model, cfg):
   return abstract_variables(model, cfg)["params"]
 
 
-def state_shardings(model, cfg, tx, mesh, rules):
-  """-> (abstract state with shardings, shardings tree)."""
+def state_shardings(model, cfg, tx, mesh, rules, extras=None):
+  """-> (abstract state with shardings, shardings tree). extras {name:
+  ShapeDtypeStruct}: further replicated state entries (the EAS search's scores)."""
   boxed = abstract_params(model, cfg)
   params = nn.meta.unbox(boxed)
   param_sh = logical_shardings(boxed, mesh, rules)
@@ -30,6 +32,8 @@ def state_shardings(model, cfg, tx, mesh, rules):
   shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh}
   abstract = {"step": jax.ShapeDtypeStruct((), "int32"), "params": params,
               "opt_state": opt_abstract}
+  for name, a in (extras or {}).items():
+    shardings[name], abstract[name] = replicated, a
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return abstract, shardings
@@ -55,14 +59,39 @@ def _like_params(opt_abstract, params, param_sh, default):
   return jax.tree_util.tree_map_with_path(pick, opt_abstract)
 
 
-def init_state(model, cfg, tx, shardings, rng, params=None):
-  """Fresh state (params from `rng`, or the given params, e.g. an earlier stage's)."""
+def _flat(tree) -> dict:
+  return flax.traverse_util.flatten_dict(tree, sep="/")
+
+
+def missing_params(params, abstract) -> list[str]:
+  """Paths of `abstract` (the model's params) that `params` lacks."""
+  have = _flat(params)
+  return sorted(k for k in _flat(abstract) if k not in have)
+
+
+def init_state(model, cfg, tx, shardings, rng, params=None, extras=None):
+  """Fresh state (params from `rng`, or the given params, e.g. an earlier stage's; the
+  params it lacks, e.g. EAS adapters new in this stage, are initialised from `rng`).
+  extras {name: array}: further state entries (state_shardings' extras)."""
   def create(rng, params):
-    if params is None:
-      params = nn.meta.unbox(model.init(rng, dummy_batch(cfg, 1, 4, 1))["params"])
-    return {"step": jax.numpy.zeros((), "int32"), "params": params, "opt_state": tx.init(params)}
+    if params is None or missing:
+      fresh = nn.meta.unbox(model.init(rng, dummy_batch(cfg, 1, 4, 1))["params"])
+      if params is not None:
+        given = _flat(params)
+        fresh = flax.traverse_util.unflatten_dict(
+            {k: given.get(k, v) for k, v in _flat(fresh).items()}, sep="/")
+      params = fresh
+    out = {"step": jax.numpy.zeros((), "int32"), "params": params, "opt_state": tx.init(params)}
+    out.update(extras or {})
+    return out
+  missing = []
   if params is not None:
-    params = jax.device_put(params, shardings["params"])
+    flat_sh = _flat(shardings["params"])
+    missing = [k for k in flat_sh if k not in _flat(params)]
+    known = {k: v for k, v in _flat(params).items() if k in flat_sh}
+    params = jax.device_put(flax.traverse_util.unflatten_dict(known, sep="/"),
+                            flax.traverse_util.unflatten_dict(
+                                {k: flat_sh[k] for k in known}, sep="/"))
   return jax.jit(create, out_shardings=shardings)(rng, params)
 
 

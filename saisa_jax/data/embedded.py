@@ -50,8 +50,12 @@ def prepare_embedded(config) -> ml_collections.ConfigDict:
   if config.embedded.get("use_tokenizer", True):
     config.data.tokenizer = os.path.join(out, "tokenizer")
   config.data.image_root = os.path.join(out, "images")
-  for stage, kind in (("pretrain", "caption"), ("finetune", "vqa")):
-    if stage in config and not config[stage].get("json_path"):
+  # Every stage without a data file: captions for a plain-template stage (pretrain),
+  # the questions otherwise (finetune, EAS search and tuning).
+  stages = [n.strip() for n in str(config.get("stages", "pretrain,finetune")).split(",")]
+  for stage in dict.fromkeys(["pretrain", "finetune"] + stages):
+    if stage and stage in config and not config[stage].get("json_path"):
+      kind = "caption" if config[stage].get("template") == "plain" else "vqa"
       config[stage].json_path = os.path.join(out, f"{kind}_train.json")
   sets = config.get("eval", {}).get("sets", {})
   for spec in sets.values():

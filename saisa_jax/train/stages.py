@@ -2,7 +2,7 @@
 
 config.stages = "pretrain,finetune"; config.<stage> holds
   steps, batch_size, lr, warmup_steps, trainable (regex over param paths),
-  json_path, image_root, template, accum_steps
+  json_path, image_root, template, accum_steps, search / fresh_adapters (EAS)
 Stage 2 starts from stage 1's final params (the projectors it trained, and all else).
 """
 from __future__ import annotations
@@ -17,6 +17,9 @@ _OVERRIDES = {
     "image_root": "data.image_root", "template": "data.template",
     "lr": "optim.lr", "warmup_steps": "optim.warmup_steps", "trainable": "optim.trainable",
     "accum_steps": "optim.accum_steps", "steps": "optim.total_steps",
+    # EAS: this stage runs the redundancy search (train/eas_search.py; config.eas_search),
+    # and / or starts its adapters afresh (a tuning stage after the search).
+    "search": "train.eas_search", "fresh_adapters": "train.fresh_adapters",
 }
 
 
@@ -77,6 +80,18 @@ def check_stages(config, num_processes: int = 1) -> None:
       re.compile(o.trainable)
     except re.error as e:
       problems.append(f"{where} config.{name}.trainable {o.trainable!r} is not a regex: {e}")
+    if sc.train.get("eas_search") or sc.train.get("fresh_adapters"):
+      eas = sc.model.get("eas")
+      if not eas or not eas.get("enabled", True):
+        problems.append(f"{where} config.{name}.search / fresh_adapters need EAS: set "
+                        "config.model.eas.enabled=True")
+      elif sc.train.get("eas_search"):
+        from saisa_jax.train.eas_search import SearchConfig
+        try:
+          SearchConfig.from_config(sc.get("eas_search"), int(sc.model.llm.num_layers),
+                                   int(o.warmup_steps))
+        except (TypeError, ValueError) as e:
+          problems.append(f"{where} {e}")
     if int(o.total_steps) <= 0:
       problems.append(f"{where} config.{name}.steps must be > 0, got {o.total_steps}")
     accum = int(o.get("accum_steps", 1) or 1)

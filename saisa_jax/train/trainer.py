@@ -17,6 +17,7 @@ runs under the same mesh, and only process 0 writes metrics, curves and results.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 import flax.linen as nn
+import flax.traverse_util
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -45,8 +47,9 @@ from saisa_jax.core.mesh import InMesh, global_batch, make_mesh, rules_from_conf
 from saisa_jax.train.metrics import MetricWriter, progress_line
 from saisa_jax.train.optim import make_optimizer
 from saisa_jax.train.stages import check_stages, stage_config, stage_names
-from saisa_jax.core.state import abstract_params, init_state, state_shardings
-from saisa_jax.train.step import TRAIN_KEYS, make_train_step
+from saisa_jax.core.state import abstract_params, init_state, missing_params, state_shardings
+from saisa_jax.train import eas_search
+from saisa_jax.train.step import TRAIN_KEYS, make_loss_fn, make_train_step
 from saisa_jax.train.workdir_binding import check_and_bind
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
@@ -129,6 +132,8 @@ class StageSetup:
   abstract_state: dict
   shardings: dict
   step_fn: object
+  search: object = None      # eas_search.SearchConfig in a search stage
+  losses_fn: object = None   # the search's candidate losses (step.make_loss_fn)
 
 
 def setup_stage(sc, mesh) -> StageSetup:
@@ -137,13 +142,42 @@ def setup_stage(sc, mesh) -> StageSetup:
   model = backends.for_training(model)  # the model as this machine's backend runs it
   rules = rules_from_config(sc.mesh.rules)
   tx, lr_fn, trainable = make_optimizer(sc.optim, nn.meta.unbox(abstract_params(model, cfg)))
-  abstract_state, shardings = state_shardings(model, cfg, tx, mesh, rules)
+  search, extras = None, None
+  if sc.train.get("eas_search"):
+    if cfg.eas is None:
+      raise ValueError(f"stage {sc.stage!r} runs the EAS search (config.{sc.stage}.search) "
+                       "but config.model.eas is not enabled: set model.eas.enabled=True")
+    search = eas_search.SearchConfig.from_config(sc.get("eas_search"), cfg.llm.num_layers,
+                                                 int(sc.optim.warmup_steps))
+    extras = {"eas_scores": jax.ShapeDtypeStruct((cfg.llm.num_layers,), jnp.float32)}
+  abstract_state, shardings = state_shardings(model, cfg, tx, mesh, rules, extras)
   # The state is donated: params and optimizer state are updated in place.
-  step_fn = jax.jit(make_train_step(model, tx, lr_fn, trainable, int(sc.optim.accum_steps)),
-                    in_shardings=(shardings, None), out_shardings=(shardings, None),
-                    donate_argnums=0)
+  train_step = make_train_step(model, tx, lr_fn, trainable, int(sc.optim.accum_steps))
+  if search is None:
+    step_fn = jax.jit(train_step, in_shardings=(shardings, None),
+                      out_shardings=(shardings, None), donate_argnums=0)
+    losses_fn = None
+  else:
+    step_fn = jax.jit(train_step, in_shardings=(shardings, None, None),
+                      out_shardings=(shardings, None), donate_argnums=0)
+    losses_fn = InMesh(jax.jit(make_loss_fn(model), in_shardings=(shardings["params"], None,
+                                                                 None)), mesh, rules)
   step_fn = InMesh(step_fn, mesh, rules)
-  return StageSetup(model, cfg, tx, trainable, abstract_state, shardings, step_fn)
+  return StageSetup(model, cfg, tx, trainable, abstract_state, shardings, step_fn, search,
+                    losses_fn)
+
+
+def _replicated(mesh, value: np.ndarray):
+  """The same host value on every process -> one replicated global array."""
+  return jax.make_array_from_process_local_data(
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), value, value.shape)
+
+
+def _without_adapters(params):
+  """params less the EAS adapters (a stage with fresh_adapters initialises them)."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  return flax.traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if "/pia/" not in f"/{k}/"}, sep="/")
 
 
 def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Preempted):
@@ -175,11 +209,27 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
     params = init_params
     if params is None and sc.get("init_from"):
       print(f"[{name}] initialising from {sc.init_from}", flush=True)
-      params = ckpt_lib.load_params(sc.init_from, abstract_state["params"])
+      params = ckpt_lib.load_params(sc.init_from, abstract_state["params"], partial=True)
+    if params is not None and sc.train.get("fresh_adapters"):
+      params = _without_adapters(params)
+    if params is not None:
+      new = missing_params(params, abstract_state["params"])
+      if new:
+        print(f"[{name}] {len(new)} parameter(s) new in this stage, initialised fresh: "
+              f"{', '.join(new[:6])}{' ...' if len(new) > 6 else ''}", flush=True)
+    extras = None
+    if setup.search is not None:
+      extras = {"eas_scores": jnp.zeros((cfg.llm.num_layers,), jnp.float32)}
     state = init_state(model, cfg, setup.tx, shardings, jax.random.key(sc.train.seed),
-                       params=params)
+                       params=params, extras=extras)
 
   step_fn = setup.step_fn
+  search = setup.search
+  if search is not None:
+    scores = np.asarray(jax.device_get(state["eas_scores"]))
+    print(f"[{name}] EAS search: {search.k} of {cfg.llm.num_layers} layers, candidates "
+          f"every {search.every} steps after {search.warmup}; scores {np.round(scores, 4)}",
+          flush=True)
 
   # ---------------- Train loop ----------------
   writer = MetricWriter(workdir, name)
@@ -198,7 +248,15 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
     distributed.forget(f"len/{name}/{step - 2}")  # every host has read it by now
     batch = to_global(batch, mesh, f"{name}/{step}", data_iter.pad_id)
     with watch.step(batch, step + 1):
-      state, metrics = step_fn(state, batch)
+      if search is None:
+        state, metrics = step_fn(state, batch)
+      else:
+        state, metrics = step_fn(state, batch, eas_search.train_set(search, scores, step))
+    if search is not None and eas_search.scoring_due(search, step + 1):
+      sets = eas_search.candidate_sets(search, scores, step + 1)
+      losses = np.asarray(jax.device_get(setup.losses_fn(state["params"], batch, sets)))
+      scores = eas_search.update(scores, sets, losses, search.lr)
+      state["eas_scores"] = _replicated(mesh, scores)
     bad_steps = bad_steps + (1 - metrics["finite"].astype(jnp.int32))
     step += 1
     stop = preempted.check(offset + step)  # read once: the save and the exit agree
@@ -224,6 +282,9 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
         print(progress_line(name, step, total, m, (total - step) / m["steps_per_s"]), flush=True)
       if data_iter.skipped:
         print(f"[{name}] skipped examples by kind: {data_iter.skipped}", flush=True)
+      if search is not None and distributed.is_primary():
+        print(f"[{name}] EAS scores {np.round(scores, 4).tolist()}: top "
+              f"{list(eas_search.top_k(scores, search.k))}", flush=True)
       t_last, step_last, tokens_since = time.time(), step, 0
     ckpts.save(step, state, data_iter, sc, force=stop or step == total)
     if stop:
@@ -233,6 +294,16 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
       sys.exit(143)
   ckpts.close()
   writer.close()
+  if search is not None:
+    # The found set goes into this stage's model config (and, in _main, every later
+    # stage's): a resumed run reads it back from there.
+    found = eas_search.top_k(scores, search.k)
+    sc.model.eas.skip = list(found)
+    if distributed.is_primary():
+      paths.write_text(paths.join(stage_dir, "search.json"), json.dumps(
+          {"skip": list(found), "scores": [float(x) for x in scores]}, indent=2))
+      print(f"[{name}] EAS search done: skip layers {list(found)} (scores "
+            f"{np.round(scores, 4).tolist()})", flush=True)
   ckpt_lib.save_model(model_dir, state["params"], sc)
   return state["params"]
 
@@ -268,6 +339,10 @@ def _main(argv):
   params, preempted = None, _Preempted()
   for name in stage_names(config):
     params = run_stage(config, name, workdir, mesh, params, preempted)
+    if stage_config(config, name).train.get("eas_search"):
+      found = list(ckpt_lib.load_config(paths.join(workdir, name, "model")).model.eas.skip)
+      with config.unlocked():
+        config.model.eas.skip = found  # the later stages skip what the search found
   final = stage_config(config, stage_names(config)[-1])
   ckpt_lib.save_model(paths.join(workdir, "model"), params, final)
   if jax.process_index() == 0:
