@@ -113,3 +113,54 @@ def test_saisa_logits_tool_matches_pytorch(released, tmp_path):
     want = ref(torch.from_numpy(ids), torch.from_numpy(got["pixel_values"])).numpy()
   assert got["logits"].shape == want.shape == (1, ids.shape[1] - 1, 32000)
   assert np.abs(got["logits"] - want).max() <= TOL
+
+
+def test_an_eas_model_exports_and_the_pytorch_model_gives_our_logits(released, tmp_path):
+  """EAS (layer 1 of 3 skipped, random non-zero adapters): export -> the package's
+  PyTorch SAISA model -> our logits (1e-4), with PIA's context the prompt (a system
+  prompt, the image, a question) and an answer after it."""
+  import flax.linen as nn
+  import jax
+  from saisa_jax.core.checkpoint import save_model
+  from saisa_jax.models.build import dummy_batch
+
+  _, _, out, params, config = released
+  config = config.copy_and_resolve_references()
+  config.model.eas = dict(enabled=True, skip=[1], width=8, groups=2, temperature=2.0,
+                          scale=0.8)
+  model, cfg = build(config.model)
+  fresh = nn.meta.unbox(model.init(jax.random.key(5), dummy_batch(cfg, 1, 4, 1))["params"])
+  rng = np.random.default_rng(5)
+  pia = jax.tree.map(lambda a: np.asarray(a) + rng.normal(scale=0.2, size=a.shape).astype(np.float32),
+                     fresh["decoder"]["layers"]["pia"])
+  params = jax.tree.map(lambda a: a, params)
+  params["decoder"]["layers"] = dict(params["decoder"]["layers"], pia=pia)
+  model_dir = str(tmp_path / "eas_model")
+  shutil.copytree(out, model_dir)
+  shutil.rmtree(os.path.join(model_dir, "params"))
+  save_model(model_dir, params, config)
+
+  exported = str(tmp_path / "eas_out")
+  export.export_model(model_dir, exported)
+  back = torch_saisa.SaisaForCausalLM.from_pretrained(exported)
+  assert back.config.eas["skip"] == [1]
+
+  system, question, image, ids = _prompt()
+  answer = np.array([17, 230, 4096])
+  full = torch.cat([ids, torch.from_numpy(answer)[None]], dim=1)
+  n_prompt = len(system) + len(question)
+  with torch.no_grad():
+    want = back(full, oracles.pixels_nchw(image[None]),
+                prompt_lengths=torch.tensor([n_prompt])).numpy()
+  batch = collate([pack_sample([system, image, question, answer], cfg.num_visual)], 24, 1, (32, 32))
+  loss_mask = np.zeros(batch["tokens"].shape, np.float32)
+  loss_mask[0, n_prompt - 1:n_prompt + len(answer) - 1] = 1.0
+  batch["loss_mask"] = loss_mask
+  got = np.asarray(model.apply({"params": params}, batch))[0, :n_prompt + len(answer)]
+  assert np.abs(got - want[0]).max() <= TOL
+  # The adapters and the skip matter: without them the logits move.
+  plain, _ = build(dict(config.model.to_dict(), eas=None))
+  stripped = dict(params, decoder=dict(params["decoder"], layers={
+      k: v for k, v in params["decoder"]["layers"].items() if k != "pia"}))
+  other = np.asarray(plain.apply({"params": stripped}, batch))[0, :n_prompt + len(answer)]
+  assert np.abs(other - got).max() > 1e-2

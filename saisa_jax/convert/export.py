@@ -286,6 +286,10 @@ def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dty
            mm_projector_type="mlp2x_gelu", image_aspect_ratio="pad",
            mm_use_im_start_end=False, mm_use_im_patch_token=False,
            saisa_alignment=cfg.alignment, vision_config=_plain(clip_config(cfg).to_dict()))
+  if cfg.eas is not None:  # the package's PyTorch model (convert/torch_saisa.py) reads it
+    e = cfg.eas
+    d["eas"] = {"skip": list(e.skip), "width": e.width, "groups": e.groups,
+                "temperature": e.temperature, "scale": e.scale}
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(d, f, indent=2, sort_keys=True)
   copy_tokenizer_files(config, out)

@@ -25,7 +25,7 @@ from saisa_jax.models.config import ModelConfig
 class Rule:
   ours: tuple[str, ...]   # path in params, e.g. ("decoder", "layers", "q_proj", "kernel")
   theirs: str             # torch name; "{l}" marks a stacked layer index
-  kind: str = "copy"      # copy | linear | patch
+  kind: str = "copy"      # copy | linear | patch | grouped
   in_dims: int = 1        # for linear: leading kernel axes that are the input
 
 
@@ -80,6 +80,18 @@ def clip_rules(prefix: str = "") -> list[Rule]:
   return rules
 
 
+def eas_rules(prefix: str = "model.") -> list[Rule]:
+  """EAS's PIA adapters (models/eas.py) as the package's PyTorch model names them
+  (convert/torch_saisa.PIA): Linear down / cross / router, grouped Conv1d up_b / up_d."""
+  pia, layer = ("decoder", "layers", "pia"), prefix + "layers.{l}.pia."
+  rules = []
+  for name in ("down", "cross", "router", "up_b", "up_d"):
+    kind = "grouped" if name.startswith("up_") else "linear"
+    rules.append(Rule(pia + (f"{name}_kernel",), layer + f"{name}.weight", kind))
+    rules.append(Rule(pia + (f"{name}_bias",), layer + f"{name}.bias"))
+  return rules
+
+
 def is_stacked(rule: Rule) -> bool:
   return "{l}" in rule.theirs
 
@@ -91,6 +103,9 @@ def to_ours(rule: Rule, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarra
     t = t.T
   elif rule.kind == "patch":
     t = t.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
+  elif rule.kind == "grouped":  # Conv1d [C, h/g, 1] -> [g, h/g, C/g]
+    g = shape[0]
+    t = t[:, :, 0].reshape(g, t.shape[0] // g, t.shape[1]).transpose(0, 2, 1)
   if int(np.prod(t.shape)) != int(np.prod(shape)):
     raise ValueError(f"{rule.theirs}: shape {tuple(tensor.shape)} does not fit "
                      f"{'/'.join(rule.ours)} {tuple(shape)} (check the config's sizes)")
@@ -105,6 +120,9 @@ def to_theirs(rule: Rule, value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(v.reshape(n_in, -1).T)
   if rule.kind == "patch":
     return np.ascontiguousarray(v.transpose(3, 2, 0, 1))
+  if rule.kind == "grouped":  # [g, h/g, C/g] -> Conv1d [C, h/g, 1]
+    g, hg, cg = v.shape
+    return np.ascontiguousarray(v.transpose(0, 2, 1).reshape(g * cg, hg, 1))
   return v
 
 
@@ -112,10 +130,18 @@ def model_rules(cfg: ModelConfig, layout: str) -> list[Rule]:
   """All rules of a model for one checkpoint layout: 'saisa' (released) or 'hf_llava'."""
   if layout == "saisa":
     rules = llama_rules(cfg, "model.") + clip_rules("model.vision_tower.vision_tower.vision_model.")
+    if cfg.eas is not None:
+      if cfg.alignment != "saisa":
+        raise ValueError(f"an EAS model of alignment {cfg.alignment!r}: the package's PyTorch "
+                         "model runs EAS for SAISA only; export a saisa-mode model")
+      rules += eas_rules("model.")
     if cfg.alignment == "saisa":
       return rules + saisa_projector_rules("model.")
     return rules + projector_rules(("projector",), "model.mm_projector.")
   if layout == "hf_llava":
+    if cfg.eas is not None:
+      raise ValueError("Hugging Face Llava has no EAS adapters: export an EAS model with "
+                       "--layout saisa (alignment saisa)")
     return (llama_rules(cfg, "model.language_model.") + clip_rules("model.vision_tower.")
             + projector_rules(("projector",), "model.multi_modal_projector.linear_", ("1", "2")))
   raise ValueError(f"unknown checkpoint layout {layout!r} (saisa | hf_llava)")
@@ -183,6 +209,9 @@ def theirs_shape(rule: Rule, our_shape: tuple[int, ...]) -> tuple[int, ...]:
   if rule.kind == "patch":
     kh, kw, cin, cout = our_shape
     return (cout, cin, kh, kw)
+  if rule.kind == "grouped":
+    g, hg, cg = our_shape
+    return (g * cg, hg, 1)
   if rule.ours[-1] == "bias":  # q/k/v biases are [heads, head_dim] here, flat in torch
     return (int(np.prod(our_shape)),)
   return tuple(our_shape)

@@ -104,6 +104,33 @@ _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 # ----------------------------------------------------------------------------- helpers
 
+class PIA(nn.Module):
+    """EAS's Propagation-of-Information Adapter (shared/reference/eas.md), on
+    normalised rows h [B, T, C]: u = down(mean h), r = softmax(router(mean h) / T) over
+    the context rows; z = (u + cross(h)) / 2; PIA(h) = h + s (r1 up_b(z) + r2 up_d(z)),
+    up_b / up_d grouped 1x1 convolutions (block-diagonal linears)."""
+
+    def __init__(self, dim: int, width: int, groups: int, temperature: float, scale: float):
+        super().__init__()
+        self.temperature, self.scale = temperature, scale
+        self.down = nn.Linear(dim, width)
+        self.cross = nn.Linear(dim, width)
+        self.router = nn.Linear(dim, 2)
+        self.up_b = nn.Conv1d(width, dim, 1, groups=groups)
+        self.up_d = nn.Conv1d(width, dim, 1, groups=groups)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        w = context.to(h.dtype)[:, :, None]
+        mean = (h * w).sum(1) / w.sum(1).clamp(min=1.0)                 # [B, C]
+        u = self.down(mean)
+        r = torch.softmax(self.router(mean) / self.temperature, dim=-1)
+        z = 0.5 * (u[:, None] + self.cross(h))                          # [B, T, width]
+        zt = z.transpose(1, 2)
+        b = self.up_b(zt).transpose(1, 2)
+        d = self.up_d(zt).transpose(1, 2)
+        return h + self.scale * (r[:, None, 0:1] * b + r[:, None, 1:2] * d)
+
+
 def make_projector(in_dim: int, d: int) -> nn.Sequential:
     """The release's ``mlp2x_gelu`` projector: Linear -> GELU (exact erf) -> Linear."""
     return nn.Sequential(nn.Linear(in_dim, d), nn.GELU(approximate="none"), nn.Linear(d, d))
@@ -244,9 +271,12 @@ class SaisaModel(nn.Module):
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d, config.pad_token_id)
         self.layers = nn.ModuleList()
+        eas = getattr(config, "eas", None) or None
         for i in range(config.num_hidden_layers):
             layer = LlamaDecoderLayer(config, i)
             layer.mm_projector = make_projector(config.mm_hidden_size, d)
+            if eas:
+                layer.pia = PIA(d, eas["width"], eas["groups"], eas["temperature"], eas["scale"])
             self.layers.append(layer)
         self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
@@ -327,7 +357,12 @@ class SaisaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, return_text_mask: bool = False):
+                attention_mask: torch.Tensor | None = None, return_text_mask: bool = False,
+                prompt_lengths: torch.Tensor | None = None):
+        """EAS (config.eas: skip, width, groups, temperature, scale): the layers in
+        ``skip`` run x + MLP(post_attention_layernorm.weight * PIA(input_layernorm(x)))
+        with no attention and no projector. PIA's context is the prompt: the first
+        ``prompt_lengths[b]`` text tokens of row b (LongTensor [B]; default: all)."""
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
@@ -372,7 +407,16 @@ class SaisaForCausalLM(nn.Module):
         cos_v, sin_v = cos[:, :V], sin[:, :V]
         cos_t, sin_t = cos[:, V:], sin[:, V:]
 
-        for layer in self.model.layers:
+        eas = getattr(cfg, "eas", None) or {}
+        skipped = set(eas.get("skip", ()))
+        context = txt_valid
+        if prompt_lengths is not None:
+            context = txt_valid & (j < prompt_lengths.to(dev)[:, None])
+        for index, layer in enumerate(self.model.layers):
+            if index in skipped:
+                h = layer.input_layernorm(x)
+                x = x + layer.mlp(layer.post_attention_layernorm.weight * layer.pia(h, context))
+                continue
             attn = layer.self_attn
             hd = attn.head_dim
             resid = x
