@@ -36,3 +36,21 @@ def test_flops_rejects_a_visual_count_the_tower_cannot_give():
                         "configs/saisa.py:llm=vicuna7b", "--visual", "100"],
                        capture_output=True, text=True)
   assert out.returncode != 0 and "does not match the tower" in out.stderr
+
+
+def test_eas_rows_at_vicuna7b_with_12_of_32_layers_skipped():
+  """saisa-flops --eas_skip 20-31 (the set LLaVA-EAS found on ScienceQA): XLA's count
+  of the skipped layers (FFN + PIA, no attention, no projector) agrees with the
+  formula, and the ratios are the reference's estimate (eas.md: SAISA 1430 -> 1000
+  GMAC, 0.70; LLaVA 0.875)."""
+  out = run_flops("llm=vicuna7b", "--text", "64", "--eas_skip", "20-31")
+  lines = out.strip().splitlines()
+  ratios = dict(re.fullmatch(r"(\S+) flops ratio: ([0-9.]+)", l).groups() for l in lines
+                if "flops ratio" in l)
+  rows = {l[:28].strip(): [float(x) for x in l[28:].split()] for l in lines[2:]
+          if "flops ratio" not in l}
+  for name in ("saisa+EAS language side", "llava+EAS language side"):
+    assert abs(rows[name][2] - 1) <= 0.02, (name, rows[name])
+  assert abs(float(ratios["saisa+EAS/saisa"]) - 0.70) <= 0.01
+  assert abs(float(ratios["llava+EAS/llava"]) - 0.875) <= 0.01
+  assert float(ratios["saisa+EAS/llava"]) < float(ratios["saisa/llava"])

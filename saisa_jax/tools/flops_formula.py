@@ -13,14 +13,25 @@ from saisa_jax.models.config import ModelConfig
 EW = dict(layernorm=8, rmsnorm=4, gelu=66, quick_gelu=5, swiglu=5, score=6, rope=1.5)
 
 
+def pia_flops(cfg: ModelConfig, rows: int) -> float:
+  """EAS's PIA per skipped layer over `rows` rows: C' (d -> h) and the two grouped
+  up-projections (h -> d in g blocks), plus the context's A and router on one mean."""
+  e, d = cfg.eas, cfg.llm.hidden_size
+  return rows * (2 * d * e.width + 2 * 2 * e.width * d / e.groups) + 2 * d * (e.width + 2)
+
+
 def analytic_language_flops(cfg: ModelConfig, v: int, t: int, elementwise: bool = False) -> float:
   """The reference's per-layer formula (multiply-add = 2 FLOPs), GQA-aware, plus the
   LM head on text and LLaVA's global projector; `elementwise` adds norms, softmax,
-  activations, RoPE and adds (the EW table), which matter at tiny widths only."""
+  activations, RoPE and adds (the EW table), which matter at tiny widths only. EAS
+  (model.eas.skip): a skipped layer costs its FFN and PIA over its rows (text; visual
+  + text for llava), with no attention, and in saisa no projector or visual K/V."""
   c, d, m = cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.llm.intermediate_size
   qo = cfg.llm.num_heads * cfg.llm.dim_per_head          # q / o width (d for LLaMA)
   kv = cfg.llm.num_kv_heads * cfg.llm.dim_per_head       # k / v width
-  n, layers, heads = v + t, cfg.llm.num_layers, cfg.llm.num_heads
+  n, heads = v + t, cfg.llm.num_heads
+  skipped = cfg.skipped
+  kept_layers, skipped_layers = skipped.count(False), skipped.count(True)
   head = 2 * t * d * cfg.llm.vocab_size
   projector = 2 * v * (c * d + d * d)
   proj_ew = v * d * (EW["gelu"] + 2)                     # GELU + two bias adds
@@ -29,15 +40,23 @@ def analytic_language_flops(cfg: ModelConfig, v: int, t: int, elementwise: bool 
     return rows * (2 * EW["rmsnorm"] * d + EW["rope"] * (qo + kv) + EW["swiglu"] * m
                    + 2 * d) + EW["score"] * heads * rows * keys
 
+  def skipped_layer(rows):                               # norm + PIA + FFN
+    if not skipped_layers:
+      return 0.0
+    ew = rows * (EW["rmsnorm"] * d + EW["swiglu"] * m + 3 * d) if elementwise else 0
+    return 6 * rows * d * m + pia_flops(cfg, rows) + ew
+
   if cfg.alignment == "saisa":
     per_layer = (t * (4 * d * qo + 4 * d * kv) + 4 * v * d * kv + 4 * t * n * qo
                  + 6 * t * d * m + projector)
     extra = block_ew(t, n) + proj_ew + v * (EW["rmsnorm"] * d + EW["rope"] * kv)
-    return layers * (per_layer + (extra if elementwise else 0)) + head + (
-        EW["rmsnorm"] * t * d if elementwise else 0)
+    return (kept_layers * (per_layer + (extra if elementwise else 0))
+            + skipped_layers * skipped_layer(t) + head
+            + (EW["rmsnorm"] * t * d if elementwise else 0))
   per_layer = n * (4 * d * qo + 4 * d * kv) + 4 * n * n * qo + 6 * n * d * m
-  extra = layers * block_ew(n, n) + proj_ew + EW["rmsnorm"] * t * d
-  return layers * per_layer + head + projector + (extra if elementwise else 0)
+  extra = kept_layers * block_ew(n, n) + proj_ew + EW["rmsnorm"] * t * d
+  return (kept_layers * per_layer + skipped_layers * skipped_layer(n) + head + projector
+          + (extra if elementwise else 0))
 
 
 def analytic_vision_flops(cfg: ModelConfig, elementwise: bool = False) -> float:
