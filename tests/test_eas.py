@@ -48,8 +48,8 @@ def _randomise(params, seed=0):
   return jax.tree_util.tree_map_with_path(visit, params)
 
 
-def make(alignment, eas=EAS, seed=0):
-  cfg = ModelConfig(LLM, VISION, alignment=alignment, attention_block=3, eas=eas)
+def make(alignment, eas=EAS, seed=0, llm=LLM, vision=VISION):
+  cfg = ModelConfig(llm, vision, alignment=alignment, attention_block=3, eas=eas)
   model, _ = build(cfg)
   batch = collate([pack_sample(PROMPTS[1], cfg.num_visual)], 8, 1, (16, 16))
   params = nn.meta.unbox(model.init(jax.random.key(seed), batch)["params"])
@@ -218,3 +218,27 @@ def test_a_run_time_skip_set_equals_the_static_one_and_trains_only_its_adapters(
   g = jax.grad(lambda p: model.apply({"params": p}, batch, flags).sum())(params)
   pia = np.asarray(jnp.abs(g["decoder"]["layers"]["pia"]["cross_kernel"]).sum(axis=(1, 2)))
   assert pia[1] > 0 and pia[2] > 0 and pia[0] == 0 and pia[3] == 0
+
+
+def test_the_cpu_backend_serves_an_eas_model_as_the_reference_path_does():
+  """attention=cpu (C++ kernels for the kept layers, the prefill writing their cache
+  in place) against einsum: same greedy tokens, logits to 1e-4."""
+  from saisa_jax.backends.cpu.library import ensure_registered
+  try:
+    ensure_registered()
+  except RuntimeError as e:  # no C++ compiler here: the kernels cannot exist
+    pytest.skip(str(e))
+  # Head dims of 16: what the kernels take.
+  model, cfg, params = make("saisa", llm=dataclasses.replace(LLM, hidden_size=64,
+                                                             intermediate_size=128),
+                            vision=dataclasses.replace(VISION, hidden_size=32))
+  samples = [pack_sample(p, cfg.num_visual) for p in PROMPTS]
+  batch = collate(samples, max(len(s["tokens"]) for s in samples), 2, (16, 16))
+  out = {}
+  for attention in ("einsum", "cpu"):
+    served = model.clone(cfg=dataclasses.replace(cfg, attention=attention,
+                                                 serve_layout="per_layer"))
+    out[attention] = Generator(served, params).run_batch(
+        batch, STEPS, SamplingConfig(STEPS), eos_ids=[], rng=jax.random.key(0), keep_logits=True)
+  assert out["cpu"][0].tolist() == out["einsum"][0].tolist()
+  np.testing.assert_allclose(out["cpu"][1], out["einsum"][1], atol=1e-4, rtol=0)

@@ -69,8 +69,6 @@ class EASConfig:
   temperature: float = 10.0  # router softmax temperature T
   scale: float = 1.0         # s
   up_init: str = "zeros"     # B, D init: zeros (PIA starts as the identity) | xavier
-  kept_adapter: bool = False  # kept layers carry a small adapter before attention
-  kept_width: int = 128
   # Serving: fold each skipped layer's PIA and gamma2 into its FFN's gate / up weights
   # per sequence after the prefill, so a decode step there is one norm + one FFN.
   fold: bool = False

@@ -96,6 +96,9 @@ _WARMUP_S = flags.DEFINE_float(
 _ALIGNMENTS = flags.DEFINE_list(
     "alignments", ["saisa", "naavit", "llava"], "Stacks timed (saisa and llava always: "
     "the summary lines compare them); dropping naavit saves its compiles on a GPU.")
+_EAS_SKIP = flags.DEFINE_string(
+    "eas_skip", "", "EAS: also time saisa+eas and llava+eas, these decoder layers' "
+    "attention skipped (e.g. 1 or 20-29; PIA width 256 or d/2, zero-initialised).")
 _ATTENTION = flags.DEFINE_string(
     "attention", "auto", "model.attention (see models/config.py); auto: cpu (the fused C++ "
     "kernel) on a CPU backend in float32 when a C++ compiler is found, else einsum.")
@@ -157,7 +160,7 @@ def resolve_attention(attention: str, preset: str, dtype: str) -> str:
 
 def model_config(preset: str, alignment: str, unrolled: bool = False, dtype: str = "float32",
                  remat: str = "none", llm_layers: int = 0, attention: str = "einsum",
-                 scan_unroll: int = 1) -> ml_collections.ConfigDict:
+                 scan_unroll: int = 1, eas_skip=()) -> ml_collections.ConfigDict:
   """`scan_unroll` for timing (serving uses model.serve_layout, per layer on CPU:
   layer_layout.py); `unrolled` for counting FLOPs, with
   remat off there so the count is the model's FLOPs, not the recomputation's, and
@@ -168,10 +171,15 @@ def model_config(preset: str, alignment: str, unrolled: bool = False, dtype: str
   llm["num_layers"] = llm_layers or layers or llm["num_layers"]
   depth = max(llm["num_layers"], tower["num_layers"])
   unroll = depth if unrolled else min(scan_unroll, depth)
-  return ml_collections.ConfigDict(dict(
+  alignment, _, eas = alignment.partition("+")  # "saisa+eas": EAS skips eas_skip
+  out = ml_collections.ConfigDict(dict(
       alignment=alignment, dtype=dtype, remat="none" if unrolled else remat,
       scan_unroll=unroll, attention="einsum" if unrolled else attention, llm=llm,
       vision=dict(tower)))
+  if eas:
+    out.eas = dict(enabled=True, skip=list(eas_skip),
+                   width=min(256, llm["hidden_size"] // 2))
+  return out
 
 
 def bench_batch(cfg, batch: int, text: int, lead: int = 8) -> dict:
@@ -546,6 +554,13 @@ def _main(argv):
   WARMUP_S = _WARMUP_S.value
   alignments = [a for a in ALIGNMENTS if a in _ALIGNMENTS.value]  # saisa first
   unknown = set(_ALIGNMENTS.value) - set(ALIGNMENTS)
+  eas_skip = []
+  if _EAS_SKIP.value:
+    from saisa_jax.tools.flops_formula import parse_layers
+    depth = min(model_config(p, "llava", llm_layers=_LLM_LAYERS.value).llm.num_layers
+                for p in _PRESETS.value)
+    eas_skip = parse_layers(_EAS_SKIP.value, depth)
+    alignments += ["saisa+eas", "llava+eas"]
   if unknown or not {"saisa", "llava"} <= set(alignments):
     raise SystemExit(f"--alignments {','.join(_ALIGNMENTS.value)}: name saisa and llava "
                      f"(the summary lines compare them), optionally naavit; "
@@ -592,7 +607,8 @@ def _main(argv):
         runs[preset][alignment].append(bench_jax(
             preset, alignment, _BATCH.value, _TEXT.value, _DECODE.value, _REPEATS.value,
             _TRAIN_TOWER.value, _TRAIN_UNROLL.value, stats=r == 0, dtype=_DTYPE.value,
-            remat=_REMAT.value, llm_layers=_LLM_LAYERS.value, attention=attention[preset]))
+            remat=_REMAT.value, llm_layers=_LLM_LAYERS.value, attention=attention[preset],
+            eas_skip=eas_skip))
       if due and not forward:
         peer(preset, r)
   results = {p: {m: rates(bench_rounds.pool(rs), _BATCH.value) for m, rs in by_model.items()}
@@ -607,7 +623,7 @@ def _main(argv):
         hf[op]["mfu"] = ours[op]["mfu"] * ours[op]["ms"] / hf[op]["ms"]
   meta = {"device": kind, "cpu_count": usable_cpus(), "peak_tflops": peak_tflops(kind),
           "dtype": _DTYPE.value, "remat": _REMAT.value, "attention": attention,
-          "rounds": rounds, "repeats": _REPEATS.value,
+          "rounds": rounds, "repeats": _REPEATS.value, "eas_skip": eas_skip,
           "train_unroll": _TRAIN_UNROLL.value, "warmup_s": WARMUP_S,
           "serve_layout": serving_layout(build(model_config(next(iter(results)), "saisa"))[1]),
           "llm_layers": {p: model_config(p, "llava", llm_layers=_LLM_LAYERS.value

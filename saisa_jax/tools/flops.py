@@ -20,7 +20,8 @@ from saisa_jax.models.build import build, dummy_batch
 from saisa_jax.models.clip import VisionTower
 from saisa_jax.models.config import ModelConfig
 from saisa_jax.models.layers import dtype_of
-from saisa_jax.tools.flops_formula import analytic_language_flops, analytic_vision_flops
+from saisa_jax.tools.flops_formula import (analytic_language_flops, analytic_vision_flops,
+                                           parse_layers)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file[:args].",
                                           lock_config=True)
@@ -29,21 +30,6 @@ _TEXT = flags.DEFINE_integer("text", 64, "Text tokens.")
 _EAS_SKIP = flags.DEFINE_string(
     "eas_skip", None, "EAS: the decoder layers whose attention is skipped, e.g. 20-31 or "
     "5,6,8,19: adds saisa+EAS and llava+EAS rows (PIA width from model.eas.width, else 256).")
-
-
-def parse_layers(text: str, num_layers: int) -> list[int]:
-  """"20-31" / "5,6,8" / "1-3,7" -> sorted layer indices (checked against the LLM)."""
-  out = set()
-  for part in filter(None, text.replace(" ", "").split(",")):
-    lo, _, hi = part.partition("-")
-    try:
-      out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-      sys.exit(f"--eas_skip {text!r}: use layer numbers and ranges, e.g. 20-31 or 5,6,8")
-  bad = sorted(l for l in out if not 0 <= l < num_layers)
-  if bad:
-    sys.exit(f"--eas_skip names layers {bad}; the LLM has layers 0..{num_layers - 1}")
-  return sorted(out)
 
 
 def xla_flops(fn, *abstract_args) -> float:

@@ -4,6 +4,8 @@ prints beside XLA's count, and what saisa-bench sizes its towers by. No flags he
 any module can import it."""
 from __future__ import annotations
 
+import sys
+
 from saisa_jax.models.config import ModelConfig
 
 
@@ -70,3 +72,18 @@ def analytic_vision_flops(cfg: ModelConfig, elementwise: bool = False) -> float:
   if elementwise:
     embed += p * c * (1 + EW["layernorm"])               # + positions, pre-LayerNorm
   return vc.layers_used * per_layer + embed
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+  """"20-31" / "5,6,8" / "1-3,7" -> sorted layer indices (checked against the LLM)."""
+  out = set()
+  for part in filter(None, text.replace(" ", "").split(",")):
+    lo, _, hi = part.partition("-")
+    try:
+      out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+      sys.exit(f"--eas_skip {text!r}: use layer numbers and ranges, e.g. 20-31 or 5,6,8")
+  bad = sorted(l for l in out if not 0 <= l < num_layers)
+  if bad:
+    sys.exit(f"--eas_skip names layers {bad}; the LLM has layers 0..{num_layers - 1}")
+  return sorted(out)
