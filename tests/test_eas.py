@@ -174,7 +174,7 @@ def test_no_logit_from_the_prompts_last_row_on_depends_on_a_later_token(alignmen
     assert np.abs(a[row] - b[row]).max() > 0
 
 
-@pytest.mark.parametrize("alignment", ["saisa", "llava"])
+@pytest.mark.parametrize("alignment", ["saisa", "llava", "naavit"])
 def test_a_padded_mixed_training_batch_gives_each_sample_its_own_logits(alignment):
   model, cfg, params = make(alignment)
   fwd = jax.jit(lambda p, b: model.apply({"params": p}, b))
@@ -204,11 +204,12 @@ def test_stacked_and_per_layer_layouts_compute_the_same_eas_model():
                              np.asarray(model.apply({"params": params}, batch)), atol=1e-5, rtol=0)
 
 
-def test_a_run_time_skip_set_equals_the_static_one_and_trains_only_its_adapters():
+@pytest.mark.parametrize("alignment", ["saisa", "llava"])
+def test_a_run_time_skip_set_equals_the_static_one_and_trains_only_its_adapters(alignment):
   """The search's pass (skip traced, every layer runs both ways and selects) computes
   what the model with that skip set computes; the gradient reaches the adapters of the
   skipped layers only."""
-  model, cfg, params = make("saisa")
+  model, cfg, params = make(alignment)
   samples = [pack_sample(p + [[40, 41]], cfg.num_visual) for p in PROMPTS[:3]]
   batch = collate(samples, 12, 2, (16, 16))
   static = np.asarray(model.apply({"params": params}, batch))
