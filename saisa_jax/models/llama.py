@@ -236,9 +236,9 @@ class Decoder(nn.Module):
     index on ([visual; x] order) are sorted as the rows of x are, so no row sees a
     later row. EAS: ctx_mask bool[B, T] marks PIA's context rows; skip bool[layers]
     (traced) picks the skipped layers at run time, else model.eas.skip does.
-    -> x, or (x, kv) with kv the stacked keys/values every kept layer attended to
-    (the prompt's KV cache content), and with EAS skipping some layers a third entry:
-    the skipped layers' PIA contexts (u, r) stacked [skipped layers, B, ...]."""
+    -> x, or (x, kv, ctxs): kv the stacked keys/values every kept layer attended to
+    (the prompt's KV cache content), ctxs the EAS-skipped layers' PIA contexts (u, r)
+    stacked [skipped layers, B, ...] (None when no layer is skipped)."""
     if getattr(mask, "dtype", None) == jnp.bool_:
       raise TypeError("Decoder takes the mask from attention.mask_for (a float bias or "
                       "a PositionMask), not the boolean mask")
@@ -258,7 +258,7 @@ class Decoder(nn.Module):
       return carry, (kv if return_kv else None)
     if not any(self.cfg.skipped):
       x, kv = self._run(body, x, visual_kv)
-      return (x, kv) if return_kv else x
+      return (x, kv, None) if return_kv else x
 
     skip_body = lambda layer, carry, _: layer.skip(carry, ctx_mask)
     kvs, ctxs = [], []

@@ -31,8 +31,9 @@ def _position_order(positions, valid):
 
 
 def _gather_rows(order, *arrays):
-  """Reorders axis 1 of each [B, T, ...] array by `order` int32[B, T]."""
-  return [jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+  """Reorders axis 1 of each [B, T, ...] array by `order` int32[B, T] (None stays)."""
+  return [None if a is None else
+          jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
           for a in arrays]
 
 
@@ -125,10 +126,11 @@ class SaisaModel(nn.Module):
     PIA's context is the prompt (_context_rows)."""
     tokens, positions, text_mask = batch["tokens"], batch["positions"], batch["text_mask"]
     has_images = self.has_images(batch, features)
-    eas = self.cfg.eas is not None
     x = self.decoder.embed(tokens)
     q_visual = jnp.zeros(tokens.shape, bool)
-    ctx = _context_rows(batch, positions, text_mask) if eas else None
+
+    def context(positions, valid):  # EAS's PIA context rows (None without EAS)
+      return None if self.cfg.eas is None else _context_rows(batch, positions, valid)
 
     def run(x, positions, mask, visual_kv=None, causal_from=0, ctx=None):
       """-> (x, None or (k, v, the skipped layers' contexts or None))."""
@@ -136,14 +138,13 @@ class SaisaModel(nn.Module):
                          return_kv=return_kv, ctx_mask=ctx, skip=skip)
       if not return_kv:
         return out, None
-      return out[0], (*out[1], out[2] if len(out) > 2 else None)
-
-    def gather(order, *arrays):  # ctx (None without EAS) travels with the rows
-      return _gather_rows(order, *arrays, *([ctx] if eas else [])) + ([] if eas else [None])
+      x, (k, v), ctxs = out
+      return x, (k, v, ctxs)
 
     if not has_images:
       order = _position_order(positions, text_mask)
-      x, positions, text_mask, ctx = gather(order, x, positions, text_mask)
+      x, positions, text_mask, ctx = _gather_rows(order, x, positions, text_mask,
+                                                  context(positions, text_mask))
       mask = self._mask(positions, q_visual, positions, q_visual, text_mask,
                         self.cfg.alignment)
       x, kv = run(x, positions, mask, ctx=ctx)
@@ -154,7 +155,8 @@ class SaisaModel(nn.Module):
     if self.cfg.alignment == "saisa":
       # Text rows only; every kept layer's visual keys/values come from one pass over f.
       order = _position_order(positions, text_mask)
-      x, positions, text_mask, ctx = gather(order, x, positions, text_mask)
+      x, positions, text_mask, ctx = _gather_rows(order, x, positions, text_mask,
+                                                  context(positions, text_mask))
       k_pos, k_valid, k_visual = _visual_then_text(vis_pos, vis_valid, positions, text_mask)
       visual_kv = self.decoder.visual_kv(feats, vis_pos,
                                          every_layer=self.decoder.dynamic_skip(skip))
@@ -166,10 +168,9 @@ class SaisaModel(nn.Module):
     # EAS, PIA's context: they are part of the prompt).
     x = jnp.concatenate([self.projector(feats).astype(x.dtype), x], axis=1)
     k_pos, k_valid, k_visual = _visual_then_text(vis_pos, vis_valid, positions, text_mask)
-    if eas:
-      ctx = _context_rows(batch, k_pos, k_valid)
     order = _position_order(k_pos, k_valid)
-    x, k_pos, k_valid, k_visual, ctx = gather(order, x, k_pos, k_valid, k_visual)
+    x, k_pos, k_valid, k_visual, ctx = _gather_rows(order, x, k_pos, k_valid, k_visual,
+                                                    context(k_pos, k_valid))
     mask = self._mask(k_pos, k_visual, k_pos, k_visual, k_valid, self.cfg.alignment)
     x, kv = run(x, k_pos, mask, ctx=ctx)
     return _ungather_rows(order, x)[:, n_vis:], kv, k_pos, k_valid
