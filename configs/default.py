@@ -54,7 +54,11 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(seed=0, log_every=100, ckpt_every=500, keep=2,
                                            blind=a.blind, distributed=False,
                                            # error, not warning, when the step recompiles
-                                           fail_on_recompile=False))
+                                           fail_on_recompile=False,
+                                           # eval sets every N steps (first
+                                           # eval.periodic_items items) into
+                                           # metrics.jsonl / TensorBoard; 0: off
+                                           eval_every=1000))
   c.stages = "pretrain,finetune"
   c.pretrain = ml_collections.ConfigDict(dict(steps=a.pretrain_steps, template="plain",
                                               json_path=""))
@@ -65,7 +69,9 @@ def get_config(arg=None):
   # embedded set; saisa-eval and the trainer's final report both run them.
   c.eval = ml_collections.ConfigDict(dict(
       enabled=True, template="", max_new_tokens=4, batch_size=250, temperature=0.0,
-      top_p=1.0, seed=0,
+      top_p=1.0, seed=0, periodic_items=200,
+      # an item whose image is missing or unreadable: 'error' (named) | 'skip' (counted)
+      on_bad_item="error",
       sets=dict(embedded=dict(kind="embedded", question_file="", image_root="",
                               max_items=0))))
   return c

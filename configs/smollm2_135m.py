@@ -11,11 +11,12 @@ Arguments: model_dir (the saisa-import output; default ~/.cache/saisa_jax/smollm
 alignment, pretrain_steps, finetune_steps, batch. The LLM comes from model_dir
 (config.init_from); the tower and the projectors there are freshly initialised by the
 import. The data are the embedded set's records tokenised with SmolLM2's tokenizer
-(model_dir/tokenizer, kept: embedded.use_tokenizer=False), template vicuna_v1 whose
-end of turn is SmolLM2's EOS <|im_end|> (saisa_jax/data/templates.py).
+(model_dir/tokenizer, kept: embedded.use_tokenizer=False), in SmolLM2's own chat
+format, ChatML (template chatml, saisa_jax/data/templates.py), whose end of turn is
+SmolLM2's EOS <|im_end|>.
 Stage 1 (pretrain): captions, template plain; the tower and the projectors train, the
-LLM is frozen. Stage 2 (finetune): questions, vicuna_v1; everything trains, at a
-lower rate (the LLM is pretrained).
+LLM is frozen. Stage 2 (finetune): questions, chatml; everything trains, at a lower
+rate (the LLM is pretrained).
 """
 import os
 
@@ -49,7 +50,9 @@ def get_config(arg=None):
   c.data.tokenizer = os.path.join(model_dir, "tokenizer")
   c.embedded.use_tokenizer = False
   # default.py's max_len 32 holds every record: with SmolLM2's BPE a caption is at
-  # most 14 tokens, a question + answer 19 (vicuna_v1 without system prompt).
+  # most 14 tokens, a question + answer in ChatML (no system prompt) at most 29
+  # (tests/test_configs_smollm2.py counts them).
+  c.finetune.template = "chatml"
 
   c.optim.warmup_steps = 20
   c.pretrain.lr = 1e-3

@@ -26,7 +26,7 @@ def test_config_points_at_the_imported_model(tmp_path):
   assert not c.embedded.use_tokenizer and c.data.batch_size == 8
   assert dict(c.model.llm, rope_scaling=None) == dict(presets.LLMS["smollm2_135m"],
                                                       rope_scaling=None)
-  assert c.finetune.template == "vicuna_v1" and c.pretrain.template == "plain"
+  assert c.finetune.template == "chatml" and c.pretrain.template == "plain"
 
 
 def test_stage_trainables():

@@ -37,7 +37,7 @@ def test_smollm2_gguf_import_matches_transformers(gguf_dir, tmp_path):
       ["--llm", os.path.join(gguf_dir, GGUF), "--vision-preset", "tiny", "--alignment", "saisa",
        "--out", out]))
   assert config.model.llm.num_layers == 30 and config.model.llm.tie_embeddings
-  assert config.template == "vicuna_v1" and config.data.tokenizer == os.path.join(out, "tokenizer")
+  assert config.template == "chatml" and config.data.tokenizer == os.path.join(out, "tokenizer")
 
   tok = transformers.AutoTokenizer.from_pretrained(config.data.tokenizer)
   ids = tok(PROMPT).input_ids  # the tokenizer's own BOS handling (SmolLM2: none)

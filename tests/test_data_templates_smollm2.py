@@ -123,3 +123,44 @@ def test_built_labels_equal_llava_on_sentencepiece(sp_tokenizer_dir, legacy, con
   ids = templates.tokenizer_image_token(prompt, tok)
   assert (templates._built_labels(t, msgs, ids, tok, None) ==
           templates._llava_v1_labels(t, prompt, ids, tok, None))
+
+
+def _gguf_chat_template(smollm2_gguf):
+  import gguf
+  f = gguf.GGUFReader(smollm2_gguf).fields["tokenizer.chat_template"]
+  return bytes(f.parts[f.data[0]]).decode()
+
+
+def test_chatml_is_smollm2s_own_chat_template(tok, smollm2_gguf):
+  """The oracle: the chat template shipped inside SmolLM2's GGUF, rendered by jinja2.
+  Our ChatML prompt (system prompt set, two rounds, the open assistant turn) is its
+  text exactly, and the trained tokens of each answer are the answer + <|im_end|>."""
+  import jinja2
+  system = "Be brief."
+  conv = turns("What is in the image?", "A cat.", "What color is it?", "Gray.")
+  ours = templates.conversation_prompt(
+      templates.get_template("chatml", system),
+      [(("user", "assistant")[i % 2], t["value"]) for i, t in enumerate(conv)] + [("assistant", None)])
+  msgs = [{"role": "system", "content": system}] + [
+      {"role": ("user", "assistant")[i % 2], "content": t["value"]} for i, t in enumerate(conv)]
+  theirs = jinja2.Template(_gguf_chat_template(smollm2_gguf)).render(
+      messages=msgs, add_generation_prompt=True)
+  assert ours == theirs
+  ids = prompt_ids(conv, "chatml", tok, 0, system)
+  assert ids == tok(theirs).input_ids
+  ids, labels = encode_conversation(conv, "chatml", tok, 0, system=system)
+  answers = tok.decode(trained(ids, labels))
+  assert answers == "A cat.<|im_end|>Gray.<|im_end|>"
+  assert ids[:len(tok(theirs.split("<|im_start|>assistant\nA cat.")[0]).input_ids)] == \
+      tok(theirs.split("<|im_start|>assistant\nA cat.")[0]).input_ids
+
+
+def test_chatml_fits_the_smollm2_configs_max_len(tok, embedded):
+  """configs/smollm2_135m.py keeps default.py's max_len 32: every embedded question +
+  answer fits in ChatML with SmolLM2's tokenizer (nothing is truncated)."""
+  import json
+  import os
+  recs = json.load(open(os.path.join(embedded, "vqa_train.json")))
+  longest = max(len(encode_conversation(r["conversations"], "chatml", tok, 1, system="")[0])
+                for r in recs)
+  assert longest <= 32  # (the image placeholder counted as one id: an upper bound)

@@ -131,7 +131,9 @@ def test_eval_on_two_processes_writes_what_one_writes(runs, tmp_path):
   out = pod(2, 2, *cmd, "--workdir", str(tmp_path / "two")).stdout
   assert "2 process(es)" in out
   a, b = tmp_path / "one" / "eval", tmp_path / "two" / "eval"
-  assert json.load(open(a / "results.json")) == json.load(open(b / "results.json"))
+  ra, rb = json.load(open(a / "results.json")), json.load(open(b / "results.json"))
+  assert ra.pop("run")["model"] == rb.pop("run")["model"] == os.path.join(model, "model")
+  assert ra == rb
   rows_a = [json.loads(l) for l in open(a / "embedded.jsonl")]
   rows_b = [json.loads(l) for l in open(b / "embedded.jsonl")]
   assert rows_a == rows_b and len({r["id"] for r in rows_b}) == len(rows_b)

@@ -44,9 +44,11 @@ from saisa_jax.models.build import build
 from saisa_jax.models.config import ModelConfig, from_config
 from saisa_jax.core import checkpoint as ckpt_lib
 from saisa_jax.core.state import abstract_params
+from saisa_jax.data.config import CLIP_MEAN, CLIP_STD
 
 SAISA_TOWER = "model.vision_tower.vision_tower.vision_model."
 IMAGE_TOKEN = "<image>"
+RELEASE_TOWER_WIDTH = 1024  # the release's LlavaLlamaModel: nn.Linear(1024, ...) per layer
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
@@ -215,6 +217,84 @@ def copy_tokenizer_files(config, out_dir: str) -> None:
       shutil.copy(os.path.join(src, f), os.path.join(out_dir, f))
 
 
+# transformers 5 writes its own class names and list-valued fields into
+# tokenizer_config.json; a transformers-4 loader (the SAISA release: 4.37) knows neither.
+_V5_ONLY_KEYS = ("backend", "is_local", "local_files_only")
+
+
+def portable_tokenizer_config(config, out_dir: str, added: dict | None = None) -> None:
+  """Rewrites OUT/tokenizer_config.json so that transformers 4.x and 5.x both load it:
+  a class both know (LlamaTokenizer for a SentencePiece model, else
+  PreTrainedTokenizerFast over tokenizer.json), additional_special_tokens as a list,
+  the chat template of the model's prompt (data/model_prompt.py). `added`: {id: token}
+  added here (the <image> token), written as added_tokens_decoder for slow tokenizers."""
+  from saisa_jax.data.model_prompt import chat_template_jinja
+  from saisa_jax.data.tokenizer import load_tokenizer
+
+  path = os.path.join(out_dir, "tokenizer_config.json")
+  d = json.load(open(path)) if os.path.exists(path) else {}
+  tok = load_tokenizer(out_dir)
+  sp = os.path.exists(os.path.join(out_dir, "tokenizer.model"))
+  fast = os.path.exists(os.path.join(out_dir, "tokenizer.json"))
+  cls = d.get("tokenizer_class")
+  if cls in (None, "TokenizersBackend", "SentencePieceBackend") or (cls.endswith("Fast") and not fast):
+    d["tokenizer_class"] = "LlamaTokenizer" if sp else "PreTrainedTokenizerFast"
+  for k in _V5_ONLY_KEYS:
+    d.pop(k, None)
+  extra = d.pop("extra_special_tokens", None)
+  if isinstance(extra, list):
+    d["additional_special_tokens"] = sorted(set(d.get("additional_special_tokens", []) + extra))
+  elif isinstance(extra, dict) and extra:
+    d["extra_special_tokens"] = extra
+  for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
+    v = getattr(tok, k, None)
+    if v is not None and k not in d:
+      d[k] = str(v)
+  if sp:
+    d.setdefault("add_bos_token", True)
+    d.setdefault("legacy", bool(getattr(tok, "legacy", True)))
+  if added:
+    dec = d.setdefault("added_tokens_decoder", {})
+    for i, t in added.items():
+      dec[str(i)] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+  d["chat_template"] = chat_template_jinja(config, tok)
+  with open(path, "w") as f:
+    json.dump(d, f, indent=2, sort_keys=True)
+  with open(os.path.join(out_dir, "chat_template.jinja"), "w") as f:
+    f.write(d["chat_template"])
+
+
+def data_record(config) -> dict:
+  """How the model reads its inputs (config.json "saisa_data"): saisa-import reads it
+  back, so the prompt and preprocessing survive export -> import."""
+  from saisa_jax.data.model_prompt import system_prompt, template_name
+
+  d = config.get("data", {}) or {}
+  return {"template": template_name(config), "system_prompt": system_prompt(config),
+          "image_aspect": d.get("image_aspect", "pad"),
+          "image_mean": list(d.get("image_mean", CLIP_MEAN)),
+          "image_std": list(d.get("image_std", CLIP_STD))}
+
+
+def image_processor_config(config, cfg: ModelConfig, llava: bool = False) -> dict:
+  """preprocessor_config.json: CLIP's resize + centre crop, with the model's mean / std
+  (CLIPImageProcessor, the class a transformers-4 tower folder needs). `llava`: the
+  LlavaImageProcessor of HF Llava, which pads to a square with the mean colour first
+  when the model was trained with image_aspect 'pad', as LLaVA-1.5 does."""
+  r = data_record(config)
+  s = cfg.vision.image_size
+  out = {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+         "size": {"shortest_edge": s}, "do_center_crop": True,
+         "crop_size": {"height": s, "width": s}, "do_rescale": True,
+         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": r["image_mean"],
+         "image_std": r["image_std"], "do_convert_rgb": True, "resample": 3}
+  if llava:
+    out.update(image_processor_type="LlavaImageProcessor", do_pad=r["image_aspect"] == "pad",
+               processor_class="LlavaProcessor")
+  return out
+
+
 def write_generation_config(model_dir: str, config, out_dir: str, special: dict) -> None:
   src = paths.join(model_dir, "generation_config.json")
   if paths.exists(src):
@@ -239,10 +319,15 @@ def write_tower_dir(params, cfg: ModelConfig, source, out_dir: str, dtype: str) 
   return path
 
 
+def write_tower_preprocessor(config, cfg: ModelConfig, path: str) -> None:
+  with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+    json.dump(image_processor_config(config, cfg), f, indent=2)
+
+
 # ----------------------------------------------------------------------------- layouts
 
 def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dtype: str = "float32",
-                 max_shard_bytes: int = 4 << 30, tower_dir: str = "auto",
+                 max_shard_bytes: int = 4 << 30, tower_dir: str = "always",
                  dest: str | None = None) -> None:
   """`dest`: where `out` is uploaded to, when `out` is a staging folder."""
   st = _DTYPES[dtype]
@@ -269,10 +354,15 @@ def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dty
     mm_tower = imported or None
   elif tower_dir == "auto" and imported and os.path.isdir(imported):
     mm_tower = imported
-  else:
-    mm_tower = write_tower_dir(params, cfg, source, out, st)
-    if dest:
-      mm_tower = paths.join(dest, os.path.relpath(mm_tower, out))
+  else:  # in the export, named relative to it: the folder travels whole
+    write_tower_preprocessor(config, cfg, write_tower_dir(params, cfg, source, out, st))
+    mm_tower = "vision_tower"
+  if cfg.vision.hidden_size != RELEASE_TOWER_WIDTH:
+    logging.warning(
+        "the tower is %d wide: the SAISA release's per-layer projector takes %d-wide "
+        "features (CLIP-L), so the authors' loader cannot load this export; "
+        "saisa_jax.convert.torch_saisa (and saisa-import) can", cfg.vision.hidden_size,
+        RELEASE_TOWER_WIDTH)
   special = special_ids(config)
   d = _plain(llama_config(cfg, cfg.llm.vocab_size, special, max_positions(config)).to_dict())
   d.pop("dtype", None)
@@ -283,9 +373,11 @@ def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dty
            rope_scaling=None if extra.get("rope_type", "default") == "default" else extra,
            torch_dtype=dtype, mm_vision_tower=mm_tower, mm_hidden_size=cfg.vision.hidden_size,
            mm_vision_select_layer=cfg.vision.select_layer, mm_vision_select_feature="patch",
-           mm_projector_type="mlp2x_gelu", image_aspect_ratio="pad",
+           mm_projector_type="mlp2x_gelu",
            mm_use_im_start_end=False, mm_use_im_patch_token=False,
-           saisa_alignment=cfg.alignment, vision_config=_plain(clip_config(cfg).to_dict()))
+           tokenizer_padding_side="right", saisa_alignment=cfg.alignment, vision_config=_plain(clip_config(cfg).to_dict()),
+           saisa_data=data_record(config),
+           image_aspect_ratio="pad" if data_record(config)["image_aspect"] == "pad" else "square")
   if cfg.eas is not None:  # the package's PyTorch model (convert/torch_saisa.py) reads it
     e = cfg.eas
     d["eas"] = {"skip": list(e.skip), "width": e.width, "groups": e.groups,
@@ -293,6 +385,8 @@ def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dty
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(d, f, indent=2, sort_keys=True)
   copy_tokenizer_files(config, out)
+  if tokenizer_dir(config) is not None:
+    portable_tokenizer_config(config, out)
   write_generation_config(model_dir, config, out, special)
 
 
@@ -307,7 +401,12 @@ def hf_llava_disk_name(name: str) -> str:
 
 
 def _image_token(config, vocab: int):
-  """-> (image token id, tokenizer with it added or None)."""
+  """-> (image token id, tokenizer with it added or None, exported vocab size).
+
+  One id everywhere: the tokenizer's <image>, config.json's image_token_index and the
+  processor's. A tokenizer without one gets it appended (id = its length), and the
+  export's vocabulary ends there: the embedding's padded rows beyond the tokenizer
+  (which no text can name) are dropped, so HF generate cannot emit them either."""
   tok_dir = tokenizer_dir(config)
   tok = None
   if tok_dir is not None:
@@ -318,16 +417,21 @@ def _image_token(config, vocab: int):
       logging.warning("tokenizer at %s not loadable (%s)", tok_dir, e)
   recorded = (config.get("imported", {}) or {}).get("image_token_index")
   if recorded is not None and recorded < vocab:  # the id the source model used
-    return int(recorded), None
-  if tok is not None:
-    have = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    if have is not None and have != tok.unk_token_id and have < vocab:
-      return have, tok
-    if len(tok) != vocab:
-      logging.warning("tokenizer length %d != vocab_size %d: <image> gets id %d",
-                      len(tok), vocab, vocab)
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-  return vocab, tok
+    return int(recorded), None, vocab
+  if tok is None:
+    return vocab, None, vocab + 1
+  have = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+  if have is not None and have != tok.unk_token_id and have < vocab:
+    return have, tok, vocab
+  import copy
+  tok = copy.deepcopy(tok)
+  n = len(tok)
+  if n > vocab:
+    logging.warning("the tokenizer has %d tokens, the model %d rows: <image> gets id %d",
+                    n, vocab, n)
+  tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+  image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+  return image_id, tok, image_id + 1
 
 
 def export_hf_llava(params, config, cfg: ModelConfig, model_dir: str, out: str,
@@ -337,27 +441,30 @@ def export_hf_llava(params, config, cfg: ModelConfig, model_dir: str, out: str,
   if cfg.alignment not in ("llava", "naavit"):
     raise ValueError(f"alignment {cfg.alignment!r}: only llava-mode models have a "
                      "LlavaForConditionalGeneration equivalent (use --layout saisa)")
+  if cfg.eas is not None and cfg.eas.skip:
+    raise ValueError("an EAS model (model.eas.skip) has no LlavaForConditionalGeneration "
+                     "equivalent: use --layout saisa")
   if cfg.alignment == "naavit":
     logging.warning("naavit exports as plain LLaVA: HF Llava lets visual tokens attend "
                     "to each other, so its outputs will differ")
   st = _DTYPES[dtype]
   source = source_tensors(config)
   vocab = cfg.llm.vocab_size
-  image_id, tok = _image_token(config, vocab)
-  new_vocab = max(vocab, image_id + 1)
+  image_id, tok, new_vocab = _image_token(config, vocab)
   entries = param_entries(params, cfg, layout.model_rules(cfg, "hf_llava"), st, hf_llava_disk_name)
-  if new_vocab > vocab:  # grow embedding / lm_head by the mean row
-    def grow(name):
+  if new_vocab != vocab:  # our rows up to the image id, then the mean row (<image>)
+    keep = min(image_id, vocab)
+    def resize(name):
       rule = next(r for r in layout.model_rules(cfg, "hf_llava") if r.theirs == name)
       def produce():
-        w = layout.to_theirs(rule, _layer(params, rule, None))
-        return np.concatenate([w, np.repeat(w.mean(0, keepdims=True), new_vocab - vocab, 0)])
+        w = layout.to_theirs(rule, _layer(params, rule, None))[:keep]
+        return np.concatenate([w, np.repeat(w.mean(0, keepdims=True), new_vocab - keep, 0)])
       return produce
     for e in entries:
       if e.name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
         theirs = ("model.language_model.embed_tokens.weight" if "embed" in e.name
                   else "lm_head.weight")
-        e.shape, e.produce = (new_vocab, e.shape[1]), grow(theirs)
+        e.shape, e.produce = (new_vocab, e.shape[1]), resize(theirs)
   entries += tower_tail_entries(cfg, "vision_tower.", source, st)
   os.makedirs(out, exist_ok=True)
   write_sharded(out, entries, max_shard_bytes)
@@ -372,26 +479,41 @@ def export_hf_llava(params, config, cfg: ModelConfig, model_dir: str, out: str,
   d = _plain(conf.to_dict())
   d["architectures"] = ["LlavaForConditionalGeneration"]
   d["dtype"] = dtype
+  d["saisa_data"] = data_record(config)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(d, f, indent=2, sort_keys=True)
   copy_tokenizer_files(config, out)
   if tok is not None:
     tok.save_pretrained(out)
-  data = config.get("data", {}) or {}
-  mean = list(data.get("image_mean", (0.48145466, 0.4578275, 0.40821073)))
-  std = list(data.get("image_std", (0.26862954, 0.26130258, 0.27577711)))
-  s = cfg.vision.image_size
+  if tokenizer_dir(config) is not None:
+    portable_tokenizer_config(config, out, {image_id: IMAGE_TOKEN} if tok is not None else None)
   with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-    json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-               "size": {"shortest_edge": s}, "do_center_crop": True,
-               "crop_size": {"height": s, "width": s}, "do_rescale": True,
-               "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
-               "image_std": std, "do_convert_rgb": True, "resample": 3}, f, indent=2)
+    json.dump(image_processor_config(config, cfg, llava=True), f, indent=2)
+  with open(os.path.join(out, "processor_config.json"), "w") as f:
+    json.dump({"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN,
+               "patch_size": cfg.vision.patch_size, "num_additional_image_tokens": 1,
+               "vision_feature_select_strategy": "default"}, f, indent=2)
   write_generation_config(model_dir, config, out, special)
+  _hf_generation_stops(config, out, image_id)
+
+
+def _hf_generation_stops(config, out: str, image_id: int) -> None:
+  """generation_config.json: stop where saisa-chat stops (the tokenizer's EOS and the
+  template's end of turn), and never emit <image> (saisa-chat draws only real tokens)."""
+  path = os.path.join(out, "generation_config.json")
+  g = json.load(open(path))
+  if tokenizer_dir(config) is not None:
+    from saisa_jax.data.model_prompt import stop_ids
+    from saisa_jax.data.tokenizer import load_tokenizer
+    stops = stop_ids(config, load_tokenizer(tokenizer_dir(config)))
+    g["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+  g["suppress_tokens"] = sorted(set(g.get("suppress_tokens") or []) | {int(image_id)})
+  with open(path, "w") as f:
+    json.dump(g, f, indent=2)
 
 
 def export_model(model: str, out: str, layout_name: str = "saisa", dtype: str = "float32",
-                 max_shard_bytes: int = 4 << 30, tower_dir: str = "auto") -> None:
+                 max_shard_bytes: int = 4 << 30, tower_dir: str = "always") -> None:
   if layout_name not in ("saisa", "hf_llava"):
     raise ValueError(f"--layout {layout_name!r} (saisa | hf_llava)")
   params, config, cfg, model_dir = restore(model)
@@ -412,9 +534,10 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--layout", default="saisa", choices=("saisa", "hf_llava"))
   ap.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
   ap.add_argument("--max-shard-gb", type=float, default=4.0)
-  ap.add_argument("--tower-dir", default="auto", choices=("auto", "always", "never"),
-                  help="mm_vision_tower: auto = the imported tower dir if it exists, else "
-                  "write OUT/vision_tower; always = write it; never = keep the recorded name")
+  ap.add_argument("--tower-dir", default="always", choices=("auto", "always", "never"),
+                  help="mm_vision_tower: always = write OUT/vision_tower (named relative to "
+                  "OUT: the export is self-contained); auto = the imported tower dir if it "
+                  "still exists, else write it; never = keep the recorded name")
   return ap
 
 

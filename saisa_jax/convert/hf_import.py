@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from saisa_jax.core.progress import Progress
 from saisa_jax import presets
 from saisa_jax.convert import layout
 from saisa_jax.convert.gguf_import import GGUFSource, find_gguf
@@ -160,7 +161,8 @@ def detect(path: str) -> str:
 def resolve_tower_dir(name: str | None, base: str | None) -> str | None:
   if not name:
     return None
-  for cand in ([name] + ([os.path.join(base, name)] if base and not os.path.isabs(name) else [])):
+  # A relative name is the export's own folder first (our exports write "vision_tower").
+  for cand in (([os.path.join(base, name)] if base and not os.path.isabs(name) else []) + [name]):
     if os.path.isdir(cand) and os.path.exists(os.path.join(cand, "config.json")):
       return os.path.abspath(cand)
   return None
@@ -272,6 +274,9 @@ def load_params(tensors: Tensors, cfg: ModelConfig, rules, mesh, mesh_rules=mesh
     layout._assign(params, path, value)
     made.append(part)
   missing = []
+  progress = Progress("importing tensors", sum(
+      4 * int(np.prod(layout._lookup(shapes, r.ours).shape)) for r in rules
+      if _part(r) not in made), unit="GB (float32)")
   for rule in rules:
     if _part(rule) in made:
       continue
@@ -287,6 +292,7 @@ def load_params(tensors: Tensors, cfg: ModelConfig, rules, mesh, mesh_rules=mesh
       raise ValueError(f"{names[0]}: shape {got} in the checkpoint, the config implies {want}")
     layout._assign(params, rule.ours, load_leaf(tensors, rule, cfg, leaf_shape,
                                                layout._lookup(shardings, rule.ours)))
+    progress.advance(4 * int(np.prod(leaf_shape)))
   if missing:
     raise KeyError(f"{len(missing)} tensors missing from {[p for p, _ in tensors.sources]}, "
                    f"e.g. {missing[:4]} (wrong layout, or pass --vision-tower / --alignment)")
@@ -317,6 +323,7 @@ class Plan:
     self.kind = ""
     self.fresh_made: list[str] = []
     self.image_token_index: int | None = None
+    self.data: dict = {}  # config.json "saisa_data" of our exports: prompt, preprocessing
 
 
 def plan_import(args) -> Plan:
@@ -329,6 +336,7 @@ def plan_import(args) -> Plan:
       raise ValueError(f"{src} looks like {kind!r}, not a full SAISA / LLaVA checkpoint "
                        "(use --llm for a language model)")
     p.kind, raw = kind, read_json(os.path.join(src, "config.json"))
+    p.data = dict(raw.get("saisa_data") or {})
     p.sources.append((src, ""))
     p.tokenizer_dir = src
     if kind == "hf_llava":
@@ -409,10 +417,16 @@ def build_config(p: Plan, args, tokenizer_path: str) -> ml_collections.ConfigDic
       llm={k: v for k, v in p.llm.items() if k != "rope_scaling"}, vision=dict(p.vision)))
   c.model.llm.rope_scaling = ml_collections.FieldReference(p.llm.get("rope_scaling"),
                                                            field_type=dict)
-  c.template = args.template or guess_template(tokenizer_path)
+  c.template = args.template or p.data.get("template") or guess_template(tokenizer_path)
   c.data = get_data_config()
   c.data.tokenizer = tokenizer_path
   c.data.template = c.template
+  # What an export of ours recorded about the prompt and the images (saisa_data).
+  if "system_prompt" in p.data:
+    c.data.system_prompt = p.data["system_prompt"]
+  for key in ("image_aspect", "image_mean", "image_std"):
+    if p.data.get(key) is not None:
+      c.data[key] = tuple(p.data[key]) if isinstance(p.data[key], list) else p.data[key]
   c.imported = ml_collections.ConfigDict(dict(
       kind=p.kind, layout=p.layout, sources=[list(s) for s in p.sources],
       vision_tower=p.tower_dir or "", fresh=list(p.fresh_made)))
@@ -422,11 +436,16 @@ def build_config(p: Plan, args, tokenizer_path: str) -> ml_collections.ConfigDic
 
 
 def guess_template(tokenizer_path: str) -> str:
+  """llama_3 for LLaMA-3's tokenizer, chatml for ChatML ones (SmolLM2, Qwen), else
+  vicuna_v1 (LLaVA-1.5)."""
   path = os.path.join(tokenizer_path, "tokenizer.json") if tokenizer_path else ""
   if path and os.path.exists(path):
     with open(path) as f:
-      if "<|end_of_text|>" in f.read(2_000_000):
-        return "llama_3"
+      text = f.read(2_000_000)
+    if "<|end_of_text|>" in text:
+      return "llama_3"
+    if "<|im_start|>" in text and "<|im_end|>" in text:
+      return "chatml"
   return "vicuna_v1"
 
 
@@ -521,7 +540,7 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--alignment", choices=("saisa", "llava", "naavit"))
   ap.add_argument("--select-layer", type=int, default=None,
                   help="tower hidden state the features come from (default: the checkpoint's, or -2)")
-  ap.add_argument("--template", choices=("vicuna_v1", "llama_3", "plain"))
+  ap.add_argument("--template", choices=("vicuna_v1", "llama_3", "chatml", "plain"))
   ap.add_argument("--tokenizer", help="take the tokenizer files from this directory")
   ap.add_argument("--dtype", default="float32", help="model.dtype (compute); params stay float32")
   ap.add_argument("--mesh", default="fsdp=-1", help="mesh axes, e.g. fsdp=-1,tensor=1")

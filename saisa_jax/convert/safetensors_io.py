@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from saisa_jax.core.progress import Progress
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -133,7 +135,7 @@ def _encode(entry: Entry, value: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(value, _NP[entry.dtype])
 
 
-def _write_file(path: str, entries: list[Entry], metadata: dict) -> None:
+def _write_file(path: str, entries: list[Entry], metadata: dict, progress=None) -> None:
   header, offset = {"__metadata__": metadata}, 0
   for e in entries:
     header[e.name] = {"dtype": e.dtype, "shape": list(e.shape),
@@ -147,6 +149,8 @@ def _write_file(path: str, entries: list[Entry], metadata: dict) -> None:
     for e in entries:
       if e.nbytes:  # through a memoryview: no bytes copy of the tensor
         f.write(memoryview(_encode(e, e.produce()).reshape(-1)).cast("B"))
+      if progress is not None:
+        progress.advance(e.nbytes)
   os.replace(path + ".tmp", path)
 
 
@@ -172,13 +176,14 @@ def write_sharded(directory: str, entries: Iterable[Entry], max_shard_bytes: int
     shards[-1].append(e)
     size += e.nbytes
   metadata = {"format": "pt", **(metadata or {})}
+  progress = Progress(f"writing {directory}", sum(e.nbytes for e in entries))
   if len(shards) == 1:
-    _write_file(os.path.join(directory, SINGLE), shards[0], metadata)
+    _write_file(os.path.join(directory, SINGLE), shards[0], metadata, progress)
     return [SINGLE]
   files, weight_map = [], {}
   for i, shard in enumerate(shards):
     fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    _write_file(os.path.join(directory, fn), shard, metadata)
+    _write_file(os.path.join(directory, fn), shard, metadata, progress)
     files.append(fn)
     weight_map.update({e.name: fn for e in shard})
   with open(os.path.join(directory, INDEX), "w") as f:

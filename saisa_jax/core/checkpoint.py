@@ -105,9 +105,13 @@ class Checkpoints:
 MODEL_FILE_BYTES = 64 << 20
 
 
+TOKENIZER_DIR = "tokenizer"
+
+
 def save_model(directory: str, params, config) -> None:
-  """DIR/params (orbax, StandardCheckpointer's layout) + DIR/config.json: a model
-  others can load. Host memory beyond the params stays ~0.1 GB (saisa-import)."""
+  """DIR/params (orbax, StandardCheckpointer's layout) + DIR/tokenizer + DIR/config.json:
+  a model others can load, also after the folder is copied or moved (config.json names
+  the tokenizer relative to DIR). Host memory beyond the params stays ~0.1 GB."""
   directory = paths.absolute(directory)
   if jax.process_index() == 0:
     paths.makedirs(directory)
@@ -118,7 +122,63 @@ def save_model(directory: str, params, config) -> None:
             ocp.args.PyTreeSave(params, ocdbt_target_data_file_size=MODEL_FILE_BYTES),
             force=True)
   if jax.process_index() == 0:  # last: config.json marks a complete model directory
-    paths.write_text(paths.join(directory, "config.json"), config.to_json_best_effort(indent=2))
+    d = json.loads(config.to_json_best_effort())
+    tok = (d.get("data") or {}).get("tokenizer") or ""
+    if tok:
+      d["data"]["tokenizer"] = _bring_tokenizer(tok, directory)
+    paths.write_text(paths.join(directory, "config.json"), json.dumps(d, indent=2))
+
+
+def _bring_tokenizer(src: str, directory: str) -> str:
+  """Copies the tokenizer at `src` (a directory or a file) into DIR/tokenizer; -> its
+  name relative to DIR. A tokenizer already inside DIR is named, not copied."""
+  src_abs = paths.absolute(src)
+  dst = paths.join(directory, TOKENIZER_DIR)
+  if src_abs.rstrip("/") == dst.rstrip("/"):
+    return TOKENIZER_DIR
+  if not paths.exists(src_abs):
+    logging.warning("data.tokenizer %s not found: %s/config.json keeps the name, the model "
+                    "folder has no tokenizer", src, directory)
+    return src
+  if src_abs.startswith(dst.rstrip("/") + "/"):
+    return os.path.relpath(src_abs, directory) if not paths.is_remote(directory) else \
+        src_abs[len(directory.rstrip("/")) + 1:]
+  if paths.isdir(src_abs):
+    names = [n for n in paths.listdir(src_abs) if not paths.isdir(paths.join(src_abs, n))]
+    rel = TOKENIZER_DIR
+  else:
+    names, src_abs = [os.path.basename(src_abs)], os.path.dirname(src_abs)
+    rel = f"{TOKENIZER_DIR}/{names[0]}"
+  paths.makedirs(dst)
+  for n in names:
+    with paths.open(paths.join(src_abs, n), "rb") as fi, paths.open(paths.join(dst, n), "wb") as fo:
+      fo.write(fi.read())
+  return rel
+
+
+def _local_tokenizer(directory: str, rel: str) -> str:
+  """DIR/<rel> as a local path (a bucket's tokenizer is copied to a local cache)."""
+  path = paths.join(directory, rel)
+  if not paths.is_remote(path):
+    return path
+  import hashlib
+  import tempfile
+  root = os.path.join(tempfile.gettempdir(), "saisa-tokenizers",
+                      hashlib.sha1(path.encode()).hexdigest()[:16])
+  local = os.path.join(root, rel)
+  if not os.path.exists(local):
+    if paths.isdir(path):
+      os.makedirs(local + ".part", exist_ok=True)
+      for n in paths.listdir(path):
+        with paths.open(paths.join(path, n), "rb") as fi, \
+             open(os.path.join(local + ".part", n), "wb") as fo:
+          fo.write(fi.read())
+    else:
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      with paths.open(path, "rb") as fi, open(local + ".part", "wb") as fo:
+        fo.write(fi.read())
+    os.replace(local + ".part", local)
+  return local
 
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
@@ -127,7 +187,11 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: {directory} is not a saisa-jax model "
                             f"directory (expected params/ and config.json, as written by "
                             f"saisa-train or saisa-import)")
-  return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
+  d = json.loads(paths.read_text(path))
+  tok = (d.get("data") or {}).get("tokenizer") or ""
+  if tok and not os.path.isabs(tok) and not paths.is_remote(tok):
+    d["data"]["tokenizer"] = _local_tokenizer(paths.absolute(directory), tok)
+  return ml_collections.ConfigDict(d)
 
 
 def resolve_model_dir(path: str) -> str:

@@ -18,6 +18,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from saisa_jax.core.progress import Progress
 from saisa_jax.data import shapes
 from saisa_jax.data.config import get_data_config
 from saisa_jax.data.records import write_records
@@ -36,7 +37,9 @@ def _split(out: str, split: str, n_images: int, seed: int) -> tuple[list, list]:
   img_dir = os.path.join(out, "images", split)
   os.makedirs(img_dir, exist_ok=True)
   caps, vqa = [], []
+  progress = Progress(f"rendering {split} images", n_images, unit="images", scale=1)
   for i in range(n_images):
+    progress.advance(1)
     objs = shapes.sample_scene(rng)
     name = f"{split}/{i:05d}.png"
     Image.fromarray(shapes.render(objs, rng)).save(os.path.join(out, "images", name),

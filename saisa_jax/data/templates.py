@@ -58,6 +58,10 @@ TEMPLATES = {
                           nonlegacy_fix=True, sep2_is_eos=True),
     "llama_3": Template("llama_3", "two", SYSTEM, ("USER", "ASSISTANT"), " ",
                         "<|end_of_text|>"),
+    # ChatML (SmolLM2, Qwen): "<|im_start|>user\n<q><|im_end|>\n<|im_start|>assistant\n
+    # <a><|im_end|>"; the trained tokens of a turn are <a><|im_end|>. No system prompt
+    # unless the model's config sets one.
+    "chatml": Template("chatml", "chatml", "", ("user", "assistant"), "\n", "<|im_end|>"),
 }
 TEMPLATES["v1"] = TEMPLATES["vicuna_v1"]
 
@@ -114,7 +118,15 @@ def move_image_to_front(conversations: list[dict]) -> list[dict]:
 
 
 def conversation_prompt(t: Template, messages: list[tuple[str, str | None]]) -> str:
-  """LLaVA's Conversation.get_prompt for SeparatorStyle.TWO (None: open turn)."""
+  """LLaVA's Conversation.get_prompt for SeparatorStyle.TWO (None: open turn); ChatML
+  for style 'chatml' (the newline after "<|im_end|>" opens the next turn, so that a
+  closed turn ends with "<|im_end|>")."""
+  if t.style == "chatml":
+    parts = [f"<|im_start|>system\n{t.system}{t.sep2}"] if t.system else []
+    for role, message in messages:
+      parts.append(f"<|im_start|>{role}\n{message}{t.sep2}" if message
+                   else f"<|im_start|>{role}\n")
+    return t.sep.join(parts)
   seps = (t.sep, t.sep2)
   ret = t.system + seps[0] if t.system else ""
   for i, (role, message) in enumerate(messages):
@@ -173,7 +185,7 @@ def encode_conversation(conversations: list[dict], template: str, tokenizer,
   # minus 2) assumes its SentencePiece model; it still runs for tokenizers that add a
   # BOS, as LLaVA's filter: the samples it would mask whole are refused here too.
   labels = _built_labels(t, messages, ids, tokenizer, record_id)
-  if adds_bos(tokenizer):
+  if t.style == "two" and adds_bos(tokenizer):
     _llava_v1_labels(t, prompt, ids, tokenizer, record_id)
   return ids, labels
 

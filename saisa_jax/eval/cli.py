@@ -24,7 +24,7 @@ import jax
 import ml_collections
 
 from saisa_jax import backends
-from saisa_jax.core import distributed, paths
+from saisa_jax.core import cli, distributed, paths
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
 from saisa_jax.core import checkpoint as ckpt_lib
@@ -51,7 +51,9 @@ def eval_config(config, model_config) -> ml_collections.ConfigDict:
 
 def main(argv=None):
   backends.prepare_process(argv)  # first: a CPU process restarts with THP malloc (backends/cpu/hugepages.py)
-  app.run(_main, argv=argv)
+  cli.check_config_path("saisa-eval", argv)
+  cli.set_help(__name__, cli.CONFIG_HELP)
+  app.run(cli.one_line("saisa-eval", _main), argv=argv)
 
 
 def _main(argv):
@@ -74,7 +76,7 @@ def _main(argv):
   print(f"saisa-eval: {full.model.alignment} model from {model_dir}, mesh "
         f"{dict(mesh.shape)}, {jax.process_count()} process(es)", flush=True)
   results = evaluate(full, params, paths.join(paths.absolute(workdir), "eval"), model=model,
-                     mesh=mesh, rules=rules)
+                     mesh=mesh, rules=rules, model_dir=model_dir)
   if distributed.is_primary():
     print(format_table(results), flush=True)
 

@@ -36,6 +36,17 @@ class SamplingConfig:
   temperature: float = 0.0   # 0: greedy
   top_p: float = 1.0
   seed: int = 0
+  # Ids >= vocab_size are never drawn: the embedding has padded rows beyond the
+  # tokenizer's vocabulary (a multiple of 64 or 128), which no text can decode. None:
+  # every row is a token.
+  vocab_size: int | None = None
+
+
+def mask_padded(logits, vocab_size: int | None):
+  """logits float32[B, V] with the rows >= vocab_size at -inf (none when V <= it)."""
+  if vocab_size is None or vocab_size >= logits.shape[-1]:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
 
 
 def sample_token(logits, rng, temperature: float, top_p: float):
@@ -110,7 +121,8 @@ class Generator:
           NamedSharding(self.mesh, PartitionSpec()), data, data.shape))
     for i in range(max_new_tokens):
       rng, key = jax.random.split(rng)
-      nxt = sample_token(logits, key, sampling.temperature, sampling.top_p)
+      nxt = sample_token(mask_padded(logits, sampling.vocab_size), key, sampling.temperature,
+                         sampling.top_p)
       tokens.append(nxt)
       if keep_logits:
         all_logits.append(logits)
@@ -134,10 +146,12 @@ def process_rows(n: int, batch_size: int, index: int = 0, count: int = 1) -> lis
 def generate(model, params, prompts: Sequence[list], *, num_visual: int, image_size: int,
              sampling: SamplingConfig, eos_ids: Sequence[int], pad_id: int = 0,
              batch_size: int = 64, max_images: int | None = None, blind: bool = False,
-             generator: Generator | None = None, mesh=None, rules=None) -> list[list[int]]:
+             generator: Generator | None = None, mesh=None, rules=None,
+             progress=None) -> list[list[int]]:
   """Prompts (segment lists; a lazy sequence is fine: only this process's rows are
   read) -> new ids per prompt, up to and excluding the first EOS. `blind` hides every
-  image (image_slots -1), for image-blind controls."""
+  image (image_slots -1), for image-blind controls. `progress(done, total)` is called
+  after each batch."""
   gen = generator or Generator(model, params, mesh, rules)
   shards = gen.batch_shards
   batch_size = -(-batch_size // shards) * shards  # every device gets as many rows
@@ -169,5 +183,7 @@ def generate(model, params, prompts: Sequence[list], *, num_visual: int, image_s
           break
         out.append(t)
       outputs.append(out)
+    if progress is not None:
+      progress(min(start + batch_size, len(prompts)), len(prompts))
   return outputs
 

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from saisa_jax.core import cli
 from saisa_jax.models.build import dummy_batch
 from saisa_jax.backends.attention import is_flash
 from saisa_jax.models.config import from_config
@@ -373,7 +374,9 @@ def default_text(data, num_visual: int) -> int:
 
 
 def main(argv=None):
-  app.run(_main, argv=argv)
+  cli.check_config_path("saisa-compile", argv)
+  cli.set_help(__name__, cli.CONFIG_HELP)
+  app.run(cli.one_line("saisa-compile", _main), argv=argv)
 
 
 def _main(argv):

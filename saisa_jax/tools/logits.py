@@ -3,8 +3,9 @@
   saisa-logits --checkpoint DIR --image cat.png --prompt "What is this?" \
       --template vicuna_v1 --out logits.npz
 
-The prompt is built as LLaVA's eval does: one human turn "<image>\\n<prompt>" in the
-template, the open "ASSISTANT:" turn, tokenised with tokenizer_image_token, so the ids
+The prompt is built as saisa-chat builds it (data/model_prompt.py: the model's
+template and system prompt), as LLaVA's eval does: one human turn "<image>\\n<prompt>",
+the open "ASSISTANT:" turn, tokenised with tokenizer_image_token, so the ids
 hold ONE placeholder -200 (IMAGE_TOKEN_INDEX) where the visual rows go (the released
 SAISA convention; for HF Llava expand it to image_seq_length image tokens).
 
@@ -25,31 +26,19 @@ import numpy as np
 
 from saisa_jax.batch import collate, pack_sample
 from saisa_jax.data.examples import split_segments
-from saisa_jax.data.images import load_image
-from saisa_jax.data.records import IMAGE_TOKEN
-from saisa_jax.data.templates import IMAGE_ID, prompt_ids, tokenizer_image_token
+from saisa_jax.data.model_prompt import generation_ids, load_pixels, template_name, with_images
+from saisa_jax.data.templates import IMAGE_ID
 from saisa_jax.data.tokenizer import load_tokenizer
 from saisa_jax.models.build import build
 from saisa_jax.core import checkpoint as ckpt_lib
 
 
-def build_inputs(config, tokenizer, prompt: str, template: str, image_bytes: bytes | None,
+def build_inputs(config, tokenizer, prompt: str, template: str | None, image_bytes: bytes | None,
                  image_size: int):
-  """-> (ids with IMAGE_ID, [pixels float32[H, W, 3]])."""
-  data = config.get("data", {}) or {}
-  pixels = []
-  if image_bytes is not None:
-    pixels.append(load_image(
-        image_bytes, size=image_size, aspect=data.get("image_aspect", "pad"),
-        mean=tuple(data.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-        std=tuple(data.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-        max_pixels=int(data.get("max_image_pixels", 50_000_000))))
-  if template == "plain":  # pre-training layout: the image, then the text
-    ids = tokenizer_image_token(IMAGE_TOKEN * len(pixels) + prompt, tokenizer)
-  else:
-    text = (IMAGE_TOKEN + "\n" + prompt) if pixels else prompt
-    ids = prompt_ids([{"from": "human", "value": text}], template, tokenizer, len(pixels))
-  return ids, pixels
+  """-> (ids with IMAGE_ID, [pixels float32[H, W, 3]]), as saisa-chat builds them."""
+  pixels = [load_pixels(config, image_bytes, image_size)] if image_bytes is not None else []
+  conv = [{"from": "human", "value": with_images(prompt, len(pixels))}]
+  return generation_ids(config, tokenizer, conv, len(pixels), template), pixels
 
 
 def prefill_logits(model_dir: str, prompt: str, template: str | None = None,
@@ -60,7 +49,7 @@ def prefill_logits(model_dir: str, prompt: str, template: str | None = None,
   params = ckpt_lib.load_params(model_dir)
   tok_path = tokenizer_path or (config.get("data", {}) or {}).get("tokenizer", "")
   tokenizer = load_tokenizer(tok_path)
-  template = template or config.get("template") or "vicuna_v1"
+  template = template_name(config, template)
   ids, pixels = build_inputs(config, tokenizer, prompt, template, image_bytes,
                              cfg.vision.image_size)
   sample = pack_sample(split_segments(ids, pixels), cfg.num_visual)
@@ -81,7 +70,7 @@ def main(argv=None) -> None:
   ap.add_argument("--checkpoint", required=True, help="model directory or training workdir")
   ap.add_argument("--image", help="image file (omit for a text-only prompt)")
   ap.add_argument("--prompt", required=True)
-  ap.add_argument("--template", choices=("vicuna_v1", "llama_3", "plain"),
+  ap.add_argument("--template", choices=("vicuna_v1", "llama_3", "chatml", "plain"),
                   help="default: the model's config.template")
   ap.add_argument("--tokenizer", help="default: the model's data.tokenizer")
   ap.add_argument("--out", required=True, help=".npz to write")

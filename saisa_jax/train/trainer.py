@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saisa_jax import backends
-from saisa_jax.core import distributed, paths
+from saisa_jax.core import cli, distributed, paths
 from saisa_jax.batch import pad_length
 from saisa_jax.data.pipeline import elastic_start, make_iterator
 from saisa_jax.eval.runner import evaluate, format_table
@@ -180,6 +180,31 @@ def _without_adapters(params):
       {k: v for k, v in flat.items() if "/pia/" not in f"/{k}/"}, sep="/")
 
 
+def periodic_eval_every(sc) -> int:
+  """config.train.eval_every (0 or eval.enabled False: off); never in a 'plain'
+  (caption) stage, whose model does not answer questions yet."""
+  every = int(sc.train.get("eval_every", 0) or 0)
+  if not every or not (sc.get("eval") and sc.eval.get("enabled") and sc.eval.get("sets")):
+    return 0
+  return 0 if sc.data.template == "plain" else every
+
+
+def periodic_eval(sc, params, model, mesh) -> dict:
+  """The eval sets on their first config.eval.periodic_items items, under the training
+  mesh; -> {"eval/<set>/<metric>": value} for metrics.jsonl and TensorBoard."""
+  import ml_collections
+
+  ec = ml_collections.ConfigDict(sc.to_dict())
+  n = int(sc.eval.get("periodic_items", 200) or 0)
+  for spec in ec.eval.sets.values():
+    if n and (not spec.get("max_items") or spec.max_items > n):
+      spec.max_items = n
+  results = evaluate(ec, params, None, model=None, mesh=mesh,
+                     rules=rules_from_config(sc.mesh.rules), quiet=True)
+  return {f"eval/{name}/{k}": v for name, scores in results.items()
+          for k, v in scores.items() if not k.startswith("num_")}
+
+
 def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Preempted):
   """Trains one stage to config.<name>.steps; returns its final params (sharded)."""
   sc = stage_config(config, name)
@@ -236,7 +261,9 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
   watch = CompileWatch(name, bool(sc.train.get("fail_on_recompile", False)))
   step = int(jax.device_get(state["step"]))
   bad_steps = jnp.zeros((), jnp.int32)
+  loss_sum = jnp.zeros((), jnp.float32)  # on device: the mean since the last log line
   t_last, step_last, tokens_since = time.time(), step, 0
+  eval_every = periodic_eval_every(sc)
   print(f"[{name}] {cfg.alignment} model, {step}/{total} steps, global batch "
         f"{sc.data.batch_size}, mesh {dict(mesh.shape)}, {jax.process_count()} process(es)",
         flush=True)
@@ -258,6 +285,7 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
       scores = eas_search.update(scores, sets, losses, search.lr)
       state["eas_scores"] = _replicated(mesh, scores)
     bad_steps = bad_steps + (1 - metrics["finite"].astype(jnp.int32))
+    loss_sum = loss_sum + metrics["loss"]
     step += 1
     stop = preempted.check(offset + step)  # read once: the save and the exit agree
     log_now = step % sc.train.log_every == 0 or step == total
@@ -271,6 +299,8 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
             f"{ckpts.directory}. Lower optim.lr / check the data, then rerun to resume.")
     if log_now:
       m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+      m["loss_mean"] = float(loss_sum) / (step - step_last)  # smoother than one batch's
+      loss_sum = jnp.zeros((), jnp.float32)
       dt = time.time() - t_last
       m["steps_per_s"] = (step - step_last) / dt
       m["step_time_ms"] = 1000 * dt / (step - step_last)
@@ -286,6 +316,15 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
         print(f"[{name}] EAS scores {np.round(scores, 4).tolist()}: top "
               f"{list(eas_search.top_k(scores, search.k))}", flush=True)
       t_last, step_last, tokens_since = time.time(), step, 0
+    if eval_every and step % eval_every == 0 and not stop:
+      t_eval = time.time()
+      scores = periodic_eval(sc, state["params"], model, mesh)
+      writer.write(step, scores)
+      if distributed.is_primary():
+        print(f"[{name}] step {step} eval: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in scores.items()) + f" ({time.time() - t_eval:.0f} s)",
+            flush=True)
+      t_last = time.time() - (t_eval - t_last)  # the eval does not count as step time
     ckpts.save(step, state, data_iter, sc, force=stop or step == total)
     if stop:
       ckpts.close()
@@ -310,7 +349,9 @@ def run_stage(config, name: str, workdir: str, mesh, init_params, preempted: _Pr
 
 def main(argv=None):
   backends.prepare_process(argv)  # first: a CPU process restarts with THP malloc (backends/cpu/hugepages.py)
-  app.run(_main, argv=argv)
+  cli.check_config_path("saisa-train", argv)
+  cli.set_help(__name__, cli.CONFIG_HELP)
+  app.run(cli.one_line("saisa-train", _main), argv=argv)
 
 
 def _main(argv):
@@ -318,7 +359,8 @@ def _main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
   config, workdir = _CONFIG.value, _WORKDIR.value
   if not workdir:
-    sys.exit("saisa-train: --workdir is required")
+    sys.exit("saisa-train: --workdir is required (where checkpoints, metrics and the model "
+             "go; a bucket path works)")
   maybe_initialize_distributed(config)
   workdir = paths.absolute(workdir)  # gs://... stays a URL
   t0 = time.time()
@@ -351,7 +393,8 @@ def _main(argv):
   # ---------------- Held-out eval (under the training mesh) ----------------
   if config.get("eval") and config.eval.enabled:
     results = evaluate(final, params, paths.join(workdir, "eval"), mesh=mesh,
-                       rules=rules_from_config(final.mesh.rules))
+                       rules=rules_from_config(final.mesh.rules),
+                       model_dir=paths.join(workdir, "model"))
     if distributed.is_primary():
       print(format_table(results), flush=True)
       print(f"training + eval wall time: {(time.time() - t0) / 60:.1f} min", flush=True)
