@@ -19,6 +19,12 @@ _XLA_CACHE = tempfile.mkdtemp(prefix="saisa-test-xla-cache-")
 atexit.register(shutil.rmtree, _XLA_CACHE, True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# ... for the subprocesses only. In this process (hundreds of programs, many compiled
+# op by op outside jit) writing an executable to the cache segfaulted inside XLA's
+# serialisation (CI stop 39: test_generate's eager llava prefill, 20 min into the
+# suite; the same place on this machine). The subprocesses, which gain from it, keep it.
+import jax  # noqa: E402  (after the environment above)
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 @pytest.fixture(scope="session")

@@ -111,10 +111,15 @@ def test_lm_plus_tower_import_makes_saisa_with_fresh_projectors(tmp_path):
   key = next(k for k in csd if k.endswith("encoder.layers.1.mlp.fc1.bias"))
   np.testing.assert_array_equal(np.asarray(params["vision"]["layers"]["fc1"]["bias"][1]),
                                 csd[key].numpy())
-  # The exported SAISA checkpoint references the tower directory it came from.
+  # The exported SAISA checkpoint holds its tower, named relative to it (it travels
+  # whole); with --tower-dir auto it references the tower directory it came from.
   out = str(tmp_path / "saisa_out")
   export.export_model(str(tmp_path / "jax"), out)
   with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["mm_vision_tower"] == "vision_tower"
+  assert os.path.exists(os.path.join(out, "vision_tower", "preprocessor_config.json"))
+  export.export_model(str(tmp_path / "jax"), out + "_auto", tower_dir="auto")
+  with open(os.path.join(out + "_auto", "config.json")) as f:
     assert json.load(f)["mm_vision_tower"] == str(tmp_path / "clip")
 
 

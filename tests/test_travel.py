@@ -69,8 +69,8 @@ def _questions(embedded, n=QUESTIONS):
 def test_the_model_folder_carries_its_tokenizer_and_loads_after_a_move(
     saisa_model, embedded, tmp_path):
   """WORKDIR/model names its tokenizer relative to itself; copied elsewhere, with the
-  original tokenizer gone and another HOME, it loads and evaluates to the trainer's
-  accuracy."""
+  original tokenizer gone and another HOME, saisa-eval (same config) loads it and
+  reproduces the accuracy the trainer reported, and writes the answer files."""
   model = os.path.join(saisa_model["work"], "model")
   conf = json.load(open(os.path.join(model, "config.json")))
   assert conf["data"]["tokenizer"] == "tokenizer"
@@ -90,6 +90,10 @@ def test_the_model_folder_carries_its_tokenizer_and_loads_after_a_move(
   assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-2000:]
   results = json.load(open(tmp_path / "ev" / "eval" / "results.json"))
   assert round(results["embedded"]["accuracy"], 4) == saisa_model["accuracy"]
+  assert results["embedded"]["num_items"] > 0 and results["embedded"]["num_skipped"] == 0
+  preds = [json.loads(l) for l in open(tmp_path / "ev" / "eval" / "embedded.jsonl")]
+  assert len(preds) == results["embedded"]["num_items"]
+  assert os.path.exists(tmp_path / "ev" / "eval" / "embedded" / "answers.jsonl")
   run = results["run"]
   assert run["model"] == moved and run["date"].startswith("20")
   assert run["config"]["model"]["alignment"] == "saisa"
