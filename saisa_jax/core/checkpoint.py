@@ -167,17 +167,21 @@ def _local_tokenizer(directory: str, rel: str) -> str:
                       hashlib.sha1(path.encode()).hexdigest()[:16])
   local = os.path.join(root, rel)
   if not os.path.exists(local):
+    part = f"{local}.part{os.getpid()}"  # processes of one host may fetch it at once
     if paths.isdir(path):
-      os.makedirs(local + ".part", exist_ok=True)
+      os.makedirs(part, exist_ok=True)
       for n in paths.listdir(path):
-        with paths.open(paths.join(path, n), "rb") as fi, \
-             open(os.path.join(local + ".part", n), "wb") as fo:
+        with paths.open(paths.join(path, n), "rb") as fi, open(os.path.join(part, n), "wb") as fo:
           fo.write(fi.read())
     else:
       os.makedirs(os.path.dirname(local), exist_ok=True)
-      with paths.open(path, "rb") as fi, open(local + ".part", "wb") as fo:
+      with paths.open(path, "rb") as fi, open(part, "wb") as fo:
         fo.write(fi.read())
-    os.replace(local + ".part", local)
+    try:
+      os.replace(part, local)
+    except OSError:  # another process put it there first
+      if not os.path.exists(local):
+        raise
   return local
 
 

@@ -64,12 +64,13 @@ def item_prompt(item, config, tokenizer, image_size: int, set_name: str = "?") -
 
 
 def missing_images(items, set_name: str) -> list[tuple[int, BadItem]]:
-  """(index, error) of the items naming an image file that is not there (checked on
-  every process alike, before generation)."""
+  """(index, error) of the items naming a local image file that is not there (checked
+  on every process alike, before generation; a bucket's files are not listed one by
+  one here: a missing one is found when its prompt is built)."""
   out = []
   for i, item in enumerate(items):
     for image in item.images:
-      if isinstance(image, str) and not paths.exists(image):
+      if isinstance(image, str) and not paths.is_remote(image) and not os.path.exists(image):
         out.append((i, BadItem(set_name, item, image, "file not found")))
         break
   return out
