@@ -118,7 +118,8 @@ def test_saisa_logits_tool_matches_pytorch(released, tmp_path):
 def test_an_eas_model_exports_and_the_pytorch_model_gives_our_logits(released, tmp_path):
   """EAS (layer 1 of 3 skipped, random non-zero adapters): export -> the package's
   PyTorch SAISA model -> our logits (1e-4), with PIA's context the prompt (a system
-  prompt, the image, a question) and an answer after it."""
+  prompt, the image, a question) and an answer after it; saisa-import of the export
+  gives back the skip set, the adapters (exactly) and the logits."""
   import flax.linen as nn
   import jax
   from saisa_jax.core.checkpoint import save_model
@@ -164,3 +165,14 @@ def test_an_eas_model_exports_and_the_pytorch_model_gives_our_logits(released, t
       k: v for k, v in params["decoder"]["layers"].items() if k != "pia"}))
   other = np.asarray(plain.apply({"params": stripped}, batch))[0, :n_prompt + len(answer)]
   assert np.abs(other - got).max() > 1e-2
+  # saisa-import of the export: the same skip set and adapters, the same logits.
+  again = str(tmp_path / "eas_back")
+  params2, config2 = hf_import.import_checkpoint(
+      hf_import.parser().parse_args(["--checkpoint", exported, "--out", again]))
+  assert list(config2.model.eas.skip) == [1] and config2.model.eas.width == 8
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params["decoder"]["layers"]["pia"])[0],
+                          jax.tree.leaves(params2["decoder"]["layers"]["pia"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+  model2, _ = build(config2.model)
+  got2 = np.asarray(model2.apply({"params": params2}, batch))[0, :n_prompt + len(answer)]
+  assert np.abs(got2 - got).max() <= TOL

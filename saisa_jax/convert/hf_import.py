@@ -324,6 +324,7 @@ class Plan:
     self.fresh_made: list[str] = []
     self.image_token_index: int | None = None
     self.data: dict = {}  # config.json "saisa_data" of our exports: prompt, preprocessing
+    self.eas: dict | None = None  # config.json "eas" of an EAS export: the skipped layers
 
 
 def plan_import(args) -> Plan:
@@ -337,6 +338,7 @@ def plan_import(args) -> Plan:
                        "(use --llm for a language model)")
     p.kind, raw = kind, read_json(os.path.join(src, "config.json"))
     p.data = dict(raw.get("saisa_data") or {})
+    p.eas = dict(raw["eas"]) if raw.get("eas") else None
     p.sources.append((src, ""))
     p.tokenizer_dir = src
     if kind == "hf_llava":
@@ -417,6 +419,8 @@ def build_config(p: Plan, args, tokenizer_path: str) -> ml_collections.ConfigDic
       llm={k: v for k, v in p.llm.items() if k != "rope_scaling"}, vision=dict(p.vision)))
   c.model.llm.rope_scaling = ml_collections.FieldReference(p.llm.get("rope_scaling"),
                                                            field_type=dict)
+  if p.eas:  # an EAS export: its skipped layers and the PIA adapters' shapes
+    c.model.eas = ml_collections.ConfigDict(dict(p.eas, enabled=True))
   c.template = args.template or p.data.get("template") or guess_template(tokenizer_path)
   c.data = get_data_config()
   c.data.tokenizer = tokenizer_path
@@ -482,7 +486,8 @@ def import_checkpoint(args) -> tuple[dict, ml_collections.ConfigDict]:
   """Runs the import (see `main` for the arguments); returns (params, config)."""
   p = plan_import(args)
   cfg = from_config({"alignment": p.alignment, "dtype": args.dtype,
-                     "llm": p.llm, "vision": p.vision})
+                     "llm": p.llm, "vision": p.vision,
+                     "eas": dict(p.eas, enabled=True) if p.eas else None})
   rules = layout.model_rules(cfg, p.layout)
   mesh = mesh_lib.make_mesh(parse_mesh(args.mesh))
   tensors = Tensors(p.sources) if p.gguf is None else _gguf_tensors(p, args)
