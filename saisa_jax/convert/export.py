@@ -364,6 +364,7 @@ def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dty
         "saisa_jax.convert.torch_saisa (and saisa-import) can", cfg.vision.hidden_size,
         RELEASE_TOWER_WIDTH)
   special = special_ids(config)
+  record = data_record(config)
   d = _plain(llama_config(cfg, cfg.llm.vocab_size, special, max_positions(config)).to_dict())
   d.pop("dtype", None)
   rp = d.get("rope_parameters") or {}
@@ -376,8 +377,7 @@ def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dty
            mm_projector_type="mlp2x_gelu",
            mm_use_im_start_end=False, mm_use_im_patch_token=False,
            tokenizer_padding_side="right", saisa_alignment=cfg.alignment, vision_config=_plain(clip_config(cfg).to_dict()),
-           saisa_data=data_record(config),
-           image_aspect_ratio="pad" if data_record(config)["image_aspect"] == "pad" else "square")
+           saisa_data=record, image_aspect_ratio="pad" if record["image_aspect"] == "pad" else "square")
   if cfg.eas is not None:  # the package's PyTorch model (convert/torch_saisa.py) reads it
     e = cfg.eas
     d["eas"] = {"skip": list(e.skip), "width": e.width, "groups": e.groups,

@@ -149,11 +149,17 @@ def _bring_tokenizer(src: str, directory: str) -> str:
   else:
     names, src_abs = [os.path.basename(src_abs)], os.path.dirname(src_abs)
     rel = f"{TOKENIZER_DIR}/{names[0]}"
-  paths.makedirs(dst)
-  for n in names:
-    with paths.open(paths.join(src_abs, n), "rb") as fi, paths.open(paths.join(dst, n), "wb") as fo:
-      fo.write(fi.read())
+  _copy_files(src_abs, names, dst)
   return rel
+
+
+def _copy_files(src_dir: str, names: list[str], dst_dir: str) -> None:
+  """src_dir/<name> -> dst_dir/<name> for each name (either may be a bucket)."""
+  paths.makedirs(dst_dir)
+  for n in names:
+    with paths.open(paths.join(src_dir, n), "rb") as fi, \
+         paths.open(paths.join(dst_dir, n), "wb") as fo:
+      fo.write(fi.read())
 
 
 def _local_tokenizer(directory: str, rel: str) -> str:
@@ -169,10 +175,7 @@ def _local_tokenizer(directory: str, rel: str) -> str:
   if not os.path.exists(local):
     part = f"{local}.part{os.getpid()}"  # processes of one host may fetch it at once
     if paths.isdir(path):
-      os.makedirs(part, exist_ok=True)
-      for n in paths.listdir(path):
-        with paths.open(paths.join(path, n), "rb") as fi, open(os.path.join(part, n), "wb") as fo:
-          fo.write(fi.read())
+      _copy_files(path, paths.listdir(path), part)
     else:
       os.makedirs(os.path.dirname(local), exist_ok=True)
       with paths.open(path, "rb") as fi, open(part, "wb") as fo:

@@ -6,7 +6,7 @@ import os
 from saisa_jax.data import images as images_lib
 from saisa_jax.data import records as records_lib
 from saisa_jax.data.config import resolve_vision
-from saisa_jax.data.examples import prompt_segments
+from saisa_jax.data.model_prompt import generation_segments, load_pixels
 from saisa_jax.data.tokenizer import load_tokenizer
 
 
@@ -20,6 +20,7 @@ def eval_examples(config, json_path: str, image_root: str | None = None,
   with config.data's settings. Bad records raise (a held-out set must be clean).
   """
   data = config.data if "data" in config else config
+  full = config if "data" in config else {"data": config}  # model_prompt's view
   size, _ = resolve_vision(config)
   template = template or data.template
   root = data.image_root if image_root is None else image_root
@@ -35,16 +36,13 @@ def eval_examples(config, json_path: str, image_root: str | None = None,
     pixels = []
     for name, blob in zip(rec.images, records_lib.read_image_bytes(rec, root)):
       try:
-        pixels.append(images_lib.load_image(
-            blob, size=size, aspect=data.image_aspect, mean=data.image_mean,
-            std=data.image_std, max_pixels=data.max_image_pixels))
+        pixels.append(load_pixels(full, blob, size))
       except images_lib.ImageError as e:
         raise rec.bad(e.kind, f"image {os.path.join(root, name)!r}: {e.problem}")
     src_raw = src[i]["raw"]
     out.append({"id": rec.id, "type": src_raw.get("type", "") if isinstance(src_raw, dict) else "",
                 "answer": conv[-1]["value"],
-                "segments": prompt_segments(conv[:-1], template, tok, pixels,
-                                               data.get("system_prompt"))})
+                "segments": generation_segments(full, tok, conv[:-1], pixels, template)})
   return out
 
 

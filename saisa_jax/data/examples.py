@@ -16,7 +16,7 @@ from saisa_jax.batch import pack_sample
 from saisa_jax.data import images as images_lib
 from saisa_jax.data import records as records_lib
 from saisa_jax.data.records import BadExample, Record
-from saisa_jax.data.templates import IGNORE, IMAGE_ID, encode_conversation, prompt_ids
+from saisa_jax.data.templates import IGNORE, IMAGE_ID, encode_conversation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +155,3 @@ def split_segments(ids: list[int], pixels: list[np.ndarray]) -> list:
   if text:
     segments.append(text)
   return segments
-
-
-def prompt_segments(conversations: list[dict], template: str, tokenizer,
-                    pixels: list[np.ndarray], system: str | None = None) -> list:
-  """Segments of a generation prompt (ending right after "ASSISTANT:") for pack_sample."""
-  return split_segments(prompt_ids(conversations, template, tokenizer, len(pixels), system),
-                        pixels)

@@ -11,6 +11,7 @@ prompt, as saisa-logits and eval do).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from absl import app, flags
@@ -57,8 +58,7 @@ class Chat:
     self.set_images(image_files)
     self.multi_turn = multi_turn
     # Padded embedding rows are never answered (they decode to nothing).
-    self.sampling = SamplingConfig(sampling.max_new_tokens, sampling.temperature,
-                                   sampling.top_p, sampling.seed, vocab_size=len(self.tok))
+    self.sampling = dataclasses.replace(sampling, vocab_size=len(self.tok))
     self.stop = list(stop)
     self.eos = stop_ids(self.config, self.tok)
     self.rng = jax.random.key(sampling.seed)
