@@ -28,7 +28,8 @@ def _default(arg):
 
 def get_config(arg=None):
   a = parse_arg(arg, alignment="saisa", base="", layers=4, k=2, width=64,
-                search_steps=300, tune_steps=1500, lr=2e-3, skip="")
+                search_steps=300, tune_steps=1500, lr=2e-3, skip="", kept=False,
+                kept_width=64)
   if not a.base:
     raise ValueError("configs/eas.py needs the trained model to start from: "
                      "--config configs/eas.py:base=WORKDIR_OF_A_TRAINED_MODEL")
@@ -36,12 +37,13 @@ def get_config(arg=None):
   c.init_from = a.base
   c.model.eas = ml_collections.ConfigDict(dict(
       enabled=True, skip=[int(t) for t in a.skip.split() if t], width=a.width, groups=2,
-      temperature=10.0, scale=1.0, up_init="zeros", fold=False))
+      temperature=10.0, scale=1.0, up_init="zeros", fold=False,
+      kept_adapters=bool(a.kept), kept_width=a.kept_width))
   c.eas_search = ml_collections.ConfigDict(dict(k=a.k, every=3, warmup=50, candidates=5,
                                                 lr=1.0, seed=0))
   # No search when a skip set is given: tune only.
   c.stages = "tune" if a.skip else "search,tune"
-  adapters = r"/pia/"
+  adapters = r"/pia/|/kept_adapter/"
   c.search = ml_collections.ConfigDict(dict(steps=a.search_steps, template="vicuna_v1",
                                             json_path="", search=True, trainable=adapters,
                                             lr=a.lr, warmup_steps=30))

@@ -115,11 +115,13 @@ def test_saisa_logits_tool_matches_pytorch(released, tmp_path):
   assert np.abs(got["logits"] - want).max() <= TOL
 
 
-def test_an_eas_model_exports_and_the_pytorch_model_gives_our_logits(released, tmp_path):
-  """EAS (layer 1 of 3 skipped, random non-zero adapters): export -> the package's
-  PyTorch SAISA model -> our logits (1e-4), with PIA's context the prompt (a system
-  prompt, the image, a question) and an answer after it; saisa-import of the export
-  gives back the skip set, the adapters (exactly) and the logits."""
+@pytest.mark.parametrize("kept", [False, True], ids=["pia", "kept_adapters"])
+def test_an_eas_model_exports_and_the_pytorch_model_gives_our_logits(released, tmp_path, kept):
+  """EAS (layer 1 of 3 skipped, random non-zero adapters; kept_adapters: the kept
+  layers' adapters too): export -> the package's PyTorch SAISA model -> our logits
+  (1e-4), with PIA's context the prompt (a system prompt, the image, a question) and an
+  answer after it; saisa-import of the export gives back the skip set, the adapters
+  (exactly) and the logits."""
   import flax.linen as nn
   import jax
   from saisa_jax.core.checkpoint import save_model
@@ -128,14 +130,16 @@ def test_an_eas_model_exports_and_the_pytorch_model_gives_our_logits(released, t
   _, _, out, params, config = released
   config = config.copy_and_resolve_references()
   config.model.eas = dict(enabled=True, skip=[1], width=8, groups=2, temperature=2.0,
-                          scale=0.8)
+                          scale=0.8, kept_adapters=kept, kept_width=6)
+  adapters = ("pia", "kept_adapter") if kept else ("pia",)
   model, cfg = build(config.model)
   fresh = nn.meta.unbox(model.init(jax.random.key(5), dummy_batch(cfg, 1, 4, 1))["params"])
   rng = np.random.default_rng(5)
-  pia = jax.tree.map(lambda a: np.asarray(a) + rng.normal(scale=0.2, size=a.shape).astype(np.float32),
-                     fresh["decoder"]["layers"]["pia"])
+  noisy = {name: jax.tree.map(
+      lambda a: np.asarray(a) + rng.normal(scale=0.2, size=a.shape).astype(np.float32),
+      fresh["decoder"]["layers"][name]) for name in adapters}
   params = jax.tree.map(lambda a: a, params)
-  params["decoder"]["layers"] = dict(params["decoder"]["layers"], pia=pia)
+  params["decoder"]["layers"] = dict(params["decoder"]["layers"], **noisy)
   model_dir = str(tmp_path / "eas_model")
   shutil.copytree(out, model_dir)
   shutil.rmtree(os.path.join(model_dir, "params"))
@@ -145,6 +149,7 @@ def test_an_eas_model_exports_and_the_pytorch_model_gives_our_logits(released, t
   export.export_model(model_dir, exported)
   back = torch_saisa.SaisaForCausalLM.from_pretrained(exported)
   assert back.config.eas["skip"] == [1]
+  assert hasattr(back.model.layers[0], "kept_adapter") == kept
 
   system, question, image, ids = _prompt()
   answer = np.array([17, 230, 4096])
@@ -162,7 +167,7 @@ def test_an_eas_model_exports_and_the_pytorch_model_gives_our_logits(released, t
   # The adapters and the skip matter: without them the logits move.
   plain, _ = build(dict(config.model.to_dict(), eas=None))
   stripped = dict(params, decoder=dict(params["decoder"], layers={
-      k: v for k, v in params["decoder"]["layers"].items() if k != "pia"}))
+      k: v for k, v in params["decoder"]["layers"].items() if k not in adapters}))
   other = np.asarray(plain.apply({"params": stripped}, batch))[0, :n_prompt + len(answer)]
   assert np.abs(other - got).max() > 1e-2
   # saisa-import of the export: the same skip set and adapters, the same logits.
@@ -170,9 +175,12 @@ def test_an_eas_model_exports_and_the_pytorch_model_gives_our_logits(released, t
   params2, config2 = hf_import.import_checkpoint(
       hf_import.parser().parse_args(["--checkpoint", exported, "--out", again]))
   assert list(config2.model.eas.skip) == [1] and config2.model.eas.width == 8
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params["decoder"]["layers"]["pia"])[0],
-                          jax.tree.leaves(params2["decoder"]["layers"]["pia"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+  assert bool(config2.model.eas.get("kept_adapters")) == kept
+  for name in adapters:
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params["decoder"]["layers"][name])[0],
+                            jax.tree.leaves(params2["decoder"]["layers"][name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                    err_msg=name + jax.tree_util.keystr(path))
   model2, _ = build(config2.model)
   got2 = np.asarray(model2.apply({"params": params2}, batch))[0, :n_prompt + len(answer)]
   assert np.abs(got2 - got).max() <= TOL

@@ -12,7 +12,7 @@ from saisa_jax.batch import collate, pack_sample
 from saisa_jax.eval.generate import Generator, SamplingConfig
 from saisa_jax.models.build import build
 from saisa_jax.models.config import EASConfig, LlamaConfig, ModelConfig, VisionConfig
-from saisa_jax.models.eas import PIA
+from saisa_jax.models.eas import PIA, KeptAdapter
 
 LLM = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=4,
                   num_heads=4, num_kv_heads=2)
@@ -20,6 +20,8 @@ VISION = VisionConfig(image_size=16, patch_size=8, hidden_size=24, intermediate_
                       num_layers=2, num_heads=2, select_layer=-1)
 # Layers 1 and 2 skipped: a kept stretch, a skipped one, a kept one (stack.segments).
 EAS = EASConfig(skip=(1, 2), width=8, groups=2, temperature=1.0, scale=0.7, up_init="xavier")
+# The same with an adapter before every kept layer's attention.
+KEPT = dataclasses.replace(EAS, kept_adapters=True, kept_width=6)
 STEPS = 4
 
 
@@ -42,7 +44,7 @@ def _randomise(params, seed=0):
 
   def visit(path, a):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if "pia" in name or "post_norm" in name:
+    if "pia" in name or "kept_adapter" in name or "post_norm" in name:
       return a + jnp.asarray(rng.normal(scale=0.3, size=a.shape), a.dtype)
     return a
   return jax.tree_util.tree_map_with_path(visit, params)
@@ -83,6 +85,38 @@ def test_pia_with_zero_up_projections_is_the_identity_bit_for_bit():
   np.testing.assert_array_equal(np.asarray(pia.apply(params, x, u, r)), np.asarray(x))
 
 
+def test_a_kept_adapter_with_zero_up_projections_is_the_identity_bit_for_bit():
+  eas = EASConfig(width=8, kept_adapters=True, kept_width=6, up_init="zeros")
+  adapter = KeptAdapter(eas, 32)
+  x = jax.random.normal(jax.random.key(0), (3, 5, 32))
+  params = adapter.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda a: a + 0.1 if a.ndim == 1 else a, params)  # A's, router's
+  params["params"]["up_b_bias"] = jnp.zeros(32)
+  params["params"]["up_d_bias"] = jnp.zeros(32)
+  np.testing.assert_array_equal(np.asarray(adapter.apply(params, x)), np.asarray(x))
+
+
+@pytest.mark.parametrize("alignment", ["saisa", "llava"])
+def test_zero_initialised_kept_adapters_leave_the_eas_models_logits_bit_for_bit(alignment):
+  """kept_adapters with up_init zeros: the model with them computes exactly what the
+  same EAS model without them does; with random weights they change the logits."""
+  model, cfg, params = make(alignment, dataclasses.replace(KEPT, up_init="zeros"))
+  params = jax.tree.map(lambda a: a, params)
+  layers = dict(params["decoder"]["layers"])
+  layers["kept_adapter"] = {k: (jnp.zeros_like(v) if k.startswith("up_") else v)
+                            for k, v in layers["kept_adapter"].items()}
+  params["decoder"]["layers"] = layers
+  plain, _ = build(dataclasses.replace(cfg, eas=dataclasses.replace(cfg.eas, kept_adapters=False)))
+  plain_params = dict(params, decoder=dict(params["decoder"], layers={
+      k: v for k, v in layers.items() if k != "kept_adapter"}))
+  samples = [pack_sample(p, cfg.num_visual) for p in PROMPTS]
+  batch = collate(samples, 12, 2, (16, 16))
+  out = np.asarray(model.apply({"params": params}, batch))
+  np.testing.assert_array_equal(out, np.asarray(plain.apply({"params": plain_params}, batch)))
+  _, _, randomised = make(alignment, KEPT)
+  assert np.abs(np.asarray(model.apply({"params": randomised}, batch)) - out).max() > 1e-3
+
+
 @pytest.mark.parametrize("alignment", ["saisa", "llava", "naavit"])
 def test_an_empty_skip_set_gives_the_base_models_logits_bit_for_bit(alignment):
   model, cfg, params = make(alignment, EASConfig(skip=(), width=8, up_init="xavier"))
@@ -113,15 +147,19 @@ def test_skipped_layers_change_the_logits_and_use_no_projector_or_keys(alignment
   np.testing.assert_array_equal(np.asarray(model.apply({"params": poked}, batch)), out)
 
 
-@pytest.mark.parametrize("alignment,serve_layout,fold", [
-    ("saisa", "per_layer", False), ("llava", "per_layer", False), ("naavit", "per_layer", False),
-    ("saisa", "stacked", False), ("llava", "stacked", True), ("saisa", "per_layer", True)])
-def test_prefill_and_decode_equal_the_teacher_forced_forward(alignment, serve_layout, fold):
+@pytest.mark.parametrize("alignment,serve_layout,fold,eas", [
+    ("saisa", "per_layer", False, EAS), ("llava", "per_layer", False, EAS),
+    ("naavit", "per_layer", False, EAS), ("saisa", "stacked", False, EAS),
+    ("llava", "stacked", True, EAS), ("saisa", "per_layer", True, EAS),
+    ("saisa", "per_layer", True, KEPT), ("llava", "stacked", False, KEPT),
+    ("naavit", "stacked", False, KEPT)], ids=lambda v: "kept" if v is KEPT else None)
+def test_prefill_and_decode_equal_the_teacher_forced_forward(alignment, serve_layout, fold, eas):
   """Batched, padded prompts of different lengths and images: each sample's greedy
-  tokens and logits at every step equal the full forward of its own prompt + answer."""
-  model, cfg, params = make(alignment)
+  tokens and logits at every step equal the full forward of its own prompt + answer
+  (and with adapters before the kept layers' attention: `kept`)."""
+  model, cfg, params = make(alignment, eas)
   served = model.clone(cfg=dataclasses.replace(
-      cfg, serve_layout=serve_layout, eas=dataclasses.replace(EAS, fold=fold)))
+      cfg, serve_layout=serve_layout, eas=dataclasses.replace(eas, fold=fold)))
   samples = [pack_sample(p, cfg.num_visual) for p in PROMPTS]
   batch = collate(samples, max(len(s["tokens"]) for s in samples), 2, (16, 16))
   ids, logits = Generator(served, params).run_batch(
@@ -174,9 +212,11 @@ def test_no_logit_from_the_prompts_last_row_on_depends_on_a_later_token(alignmen
     assert np.abs(a[row] - b[row]).max() > 0
 
 
-@pytest.mark.parametrize("alignment", ["saisa", "llava", "naavit"])
-def test_a_padded_mixed_training_batch_gives_each_sample_its_own_logits(alignment):
-  model, cfg, params = make(alignment)
+@pytest.mark.parametrize("alignment,eas", [("saisa", EAS), ("llava", EAS), ("naavit", EAS),
+                                           ("saisa", KEPT)],
+                         ids=lambda v: "kept" if v is KEPT else None)
+def test_a_padded_mixed_training_batch_gives_each_sample_its_own_logits(alignment, eas):
+  model, cfg, params = make(alignment, eas)
   fwd = jax.jit(lambda p, b: model.apply({"params": p}, b))
   answers = [[40, 41], [42], [43, 44, 45], [46], [47, 48]]
   samples, n_prompts = [], []
@@ -204,12 +244,13 @@ def test_stacked_and_per_layer_layouts_compute_the_same_eas_model():
                              np.asarray(model.apply({"params": params}, batch)), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("alignment", ["saisa", "llava"])
-def test_a_run_time_skip_set_equals_the_static_one_and_trains_only_its_adapters(alignment):
+@pytest.mark.parametrize("alignment,eas", [("saisa", EAS), ("llava", EAS), ("saisa", KEPT)],
+                         ids=lambda v: "kept" if v is KEPT else None)
+def test_a_run_time_skip_set_equals_the_static_one_and_trains_only_its_adapters(alignment, eas):
   """The search's pass (skip traced, every layer runs both ways and selects) computes
-  what the model with that skip set computes; the gradient reaches the adapters of the
-  skipped layers only."""
-  model, cfg, params = make(alignment)
+  what the model with that skip set computes; the gradient reaches the PIA adapters of
+  the skipped layers only (and the kept adapters of the kept layers only)."""
+  model, cfg, params = make(alignment, eas)
   samples = [pack_sample(p + [[40, 41]], cfg.num_visual) for p in PROMPTS[:3]]
   batch = collate(samples, 12, 2, (16, 16))
   static = np.asarray(model.apply({"params": params}, batch))
@@ -219,18 +260,23 @@ def test_a_run_time_skip_set_equals_the_static_one_and_trains_only_its_adapters(
   g = jax.grad(lambda p: model.apply({"params": p}, batch, flags).sum())(params)
   pia = np.asarray(jnp.abs(g["decoder"]["layers"]["pia"]["cross_kernel"]).sum(axis=(1, 2)))
   assert pia[1] > 0 and pia[2] > 0 and pia[0] == 0 and pia[3] == 0
+  if eas.kept_adapters:
+    kept = np.asarray(jnp.abs(g["decoder"]["layers"]["kept_adapter"]["down_kernel"]).sum(axis=(1, 2)))
+    assert kept[0] > 0 and kept[3] > 0 and kept[1] == 0 and kept[2] == 0
 
 
-def test_the_cpu_backend_serves_an_eas_model_as_the_reference_path_does():
+@pytest.mark.parametrize("eas", [EAS, KEPT], ids=["pia", "kept"])
+def test_the_cpu_backend_serves_an_eas_model_as_the_reference_path_does(eas):
   """attention=cpu (C++ kernels for the kept layers, the prefill writing their cache
-  in place) against einsum: same greedy tokens, logits to 1e-4."""
+  in place; with kept adapters, which the kernels do not run, XLA's ops) against
+  einsum: same greedy tokens, logits to 1e-4."""
   from saisa_jax.backends.cpu.library import ensure_registered
   try:
     ensure_registered()
   except RuntimeError as e:  # no C++ compiler here: the kernels cannot exist
     pytest.skip(str(e))
   # Head dims of 16: what the kernels take.
-  model, cfg, params = make("saisa", llm=dataclasses.replace(LLM, hidden_size=64,
+  model, cfg, params = make("saisa", eas, llm=dataclasses.replace(LLM, hidden_size=64,
                                                              intermediate_size=128),
                             vision=dataclasses.replace(VISION, hidden_size=32))
   samples = [pack_sample(p, cfg.num_visual) for p in PROMPTS]

@@ -1,6 +1,6 @@
 """EAS's redundancy search: its update rule by hand, its ranking on a planted case, and
 the search as a training stage (found set into the next stage, scores checkpointed:
-a killed search resumes to the uninterrupted result)."""
+a killed search resumes to the uninterrupted result; two JAX processes search as one)."""
 import json
 import math
 import os
@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from saisa_jax.batch import collate, pack_sample
 from saisa_jax.core.checkpoint import load_config, load_params
@@ -119,15 +120,25 @@ def _steps_logged(workdir):
   return sum(1 for l in open(path) if l.strip()) if os.path.exists(path) else 0
 
 
-def test_search_then_tune_resumes_and_hands_the_found_set_on(embedded, tmp_path):
-  base = str(tmp_path / "base")
-  subprocess.run(_command(write_config(small_config(embedded, layers=4), str(tmp_path / "b.py")),
+@pytest.fixture(scope="module")
+def searched(embedded, tmp_path_factory):
+  """(the search-then-tune config, its uninterrupted one-process workdir, its stdout),
+  from a 4-layer base model trained first."""
+  root = tmp_path_factory.mktemp("eas_search")
+  base = str(root / "base")
+  subprocess.run(_command(write_config(small_config(embedded, layers=4), str(root / "b.py")),
                           base), check=True, capture_output=True)
-  cfg = write_config(_eas_config(embedded, base), str(tmp_path / "eas.py"))
-  ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+  cfg = write_config(_eas_config(embedded, base), str(root / "eas.py"))
+  ref_dir = str(root / "ref")
   out = subprocess.run(_command(cfg, ref_dir), capture_output=True, text=True)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert "EAS search done: skip layers" in out.stdout
+  return cfg, ref_dir, out.stdout
+
+
+def test_search_then_tune_resumes_and_hands_the_found_set_on(searched, tmp_path):
+  cfg, ref_dir, stdout = searched
+  run_dir = str(tmp_path / "run")
+  assert "EAS search done: skip layers" in stdout
 
   found = json.load(open(os.path.join(ref_dir, "search", "search.json")))
   assert len(found["skip"]) == 2 and any(s != 0 for s in found["scores"])
@@ -155,3 +166,27 @@ def test_search_then_tune_resumes_and_hands_the_found_set_on(embedded, tmp_path)
   ref, got = load_params(ref_dir), load_params(run_dir)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b, err_msg=f"{jax.tree_util.keystr(path)} (killed at {kill_at})")
+
+
+def test_two_processes_search_as_one(searched, tmp_path):
+  """The search and the tuning as a local pod (2 JAX processes x 1 device, fsdp=2):
+  every process draws the same skip sets from (seed, step), so the pod finds the
+  one-process run's set with its scores, and ends with its params (float32 sums
+  across processes round differently: 1e-5)."""
+  cfg, ref_dir, _ = searched
+  pod_dir = str(tmp_path / "pod")
+  pod = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "launch", "local_pod.py")
+  out = subprocess.run([sys.executable, pod, "--processes", "2", "--devices", "1", "--",
+                        *_command(cfg, pod_dir)], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=900)
+  assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+  assert "2 process(es)" in out.stdout
+  want = json.load(open(os.path.join(ref_dir, "search", "search.json")))
+  got = json.load(open(os.path.join(pod_dir, "search", "search.json")))
+  assert got["skip"] == want["skip"]
+  np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5, rtol=0)
+  assert list(load_config(os.path.join(pod_dir, "model")).model.eas.skip) == want["skip"]
+  ref, run = load_params(ref_dir), load_params(pod_dir)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(run)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))

@@ -54,3 +54,32 @@ def test_eas_rows_at_vicuna7b_with_12_of_32_layers_skipped():
   assert abs(float(ratios["saisa+EAS/saisa"]) - 0.70) <= 0.01
   assert abs(float(ratios["llava+EAS/llava"]) - 0.875) <= 0.01
   assert float(ratios["saisa+EAS/llava"]) < float(ratios["saisa/llava"])
+
+
+@pytest.mark.parametrize("alignment", ["saisa", "llava"])
+def test_kept_adapters_cost_what_the_formula_says(alignment):
+  """EAS with adapters before the kept layers' attention: XLA's count of what they
+  add (the same model with and without them) is the formula's kept_adapter_flops over
+  the kept layers' rows (visual too in saisa) within 5% (matmuls only: a wide adapter
+  keeps its elementwise share small at this model width)."""
+  import jax
+  from configs.saisa import get_config
+  from saisa_jax.models.build import build, dummy_batch
+  from saisa_jax.tools.flops_formula import kept_adapter_flops
+
+  # (tools/flops.py defines absl flags at import, as tools/bench.py does: not imported)
+  mc = get_config("llm=tiny,tower=tiny").model
+  mc.alignment, mc.scan_unroll = alignment, 10**6  # every layer counted
+  layers = int(mc.llm.num_layers)
+  counts = {}
+  for kept in (False, True):
+    mc.eas = dict(enabled=True, skip=[layers - 1], width=32, groups=2,
+                  kept_adapters=kept, kept_width=256)
+    model, cfg = build(mc)
+    batch = dummy_batch(cfg, 1, 32, 1, abstract=True)
+    variables = jax.eval_shape(model.init, jax.random.key(0), batch)
+    counts[kept] = float(jax.jit(model.apply).lower(variables, batch).cost_analysis()["flops"])
+  rows = cfg.num_visual + 32
+  want = (layers - 1) * kept_adapter_flops(cfg, rows)
+  assert want > 0 and abs((counts[True] - counts[False]) / want - 1) <= 0.05, (
+      counts[True] - counts[False], want)

@@ -381,7 +381,8 @@ def export_saisa(params, config, cfg: ModelConfig, model_dir: str, out: str, dty
   if cfg.eas is not None:  # the package's PyTorch model (convert/torch_saisa.py) reads it
     e = cfg.eas
     d["eas"] = {"skip": list(e.skip), "width": e.width, "groups": e.groups,
-                "temperature": e.temperature, "scale": e.scale}
+                "temperature": e.temperature, "scale": e.scale,
+                "kept_adapters": e.kept_adapters, "kept_width": e.kept_width}
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(d, f, indent=2, sort_keys=True)
   copy_tokenizer_files(config, out)

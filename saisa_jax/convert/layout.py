@@ -80,15 +80,20 @@ def clip_rules(prefix: str = "") -> list[Rule]:
   return rules
 
 
-def eas_rules(prefix: str = "model.") -> list[Rule]:
+def eas_rules(prefix: str = "model.", kept_adapters: bool = False) -> list[Rule]:
   """EAS's PIA adapters (models/eas.py) as the package's PyTorch model names them
-  (convert/torch_saisa.PIA): Linear down / cross / router, grouped Conv1d up_b / up_d."""
-  pia, layer = ("decoder", "layers", "pia"), prefix + "layers.{l}.pia."
+  (convert/torch_saisa.PIA): Linear down / cross / router, grouped Conv1d up_b / up_d;
+  with kept_adapters also the kept layers' (torch_saisa.KeptAdapter, no cross)."""
   rules = []
-  for name in ("down", "cross", "router", "up_b", "up_d"):
-    kind = "grouped" if name.startswith("up_") else "linear"
-    rules.append(Rule(pia + (f"{name}_kernel",), layer + f"{name}.weight", kind))
-    rules.append(Rule(pia + (f"{name}_bias",), layer + f"{name}.bias"))
+  adapters = [("pia", ("down", "cross", "router", "up_b", "up_d"))]
+  if kept_adapters:
+    adapters.append(("kept_adapter", ("down", "router", "up_b", "up_d")))
+  for module, names in adapters:
+    ours, layer = ("decoder", "layers", module), prefix + "layers.{l}." + module + "."
+    for name in names:
+      kind = "grouped" if name.startswith("up_") else "linear"
+      rules.append(Rule(ours + (f"{name}_kernel",), layer + f"{name}.weight", kind))
+      rules.append(Rule(ours + (f"{name}_bias",), layer + f"{name}.bias"))
   return rules
 
 
@@ -134,7 +139,7 @@ def model_rules(cfg: ModelConfig, layout: str) -> list[Rule]:
       if cfg.alignment != "saisa":
         raise ValueError(f"an EAS model of alignment {cfg.alignment!r}: the package's PyTorch "
                          "model runs EAS for SAISA only; export a saisa-mode model")
-      rules += eas_rules("model.")
+      rules += eas_rules("model.", cfg.eas.kept_adapters)
     if cfg.alignment == "saisa":
       return rules + saisa_projector_rules("model.")
     return rules + projector_rules(("projector",), "model.mm_projector.")

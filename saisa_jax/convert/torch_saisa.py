@@ -131,6 +131,27 @@ class PIA(nn.Module):
         return h + self.scale * (r[:, None, 0:1] * b + r[:, None, 1:2] * d)
 
 
+class KeptAdapter(nn.Module):
+    """EAS's adapter before a kept layer's attention (models/eas.py KeptAdapter), on
+    normalised rows h [B, T, C]: r = softmax(router(h) / T) per row; z = down(h);
+    h + s (r1 up_b(z) + r2 up_d(z)), up_b / up_d grouped 1x1 convolutions."""
+
+    def __init__(self, dim: int, width: int, groups: int, temperature: float, scale: float):
+        super().__init__()
+        self.temperature, self.scale = temperature, scale
+        self.down = nn.Linear(dim, width)
+        self.router = nn.Linear(dim, 2)
+        self.up_b = nn.Conv1d(width, dim, 1, groups=groups)
+        self.up_d = nn.Conv1d(width, dim, 1, groups=groups)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        r = torch.softmax(self.router(h.float()) / self.temperature, dim=-1).to(h.dtype)
+        zt = self.down(h).transpose(1, 2)
+        b = self.up_b(zt).transpose(1, 2)
+        d = self.up_d(zt).transpose(1, 2)
+        return h + self.scale * (r[..., 0:1] * b + r[..., 1:2] * d)
+
+
 def make_projector(in_dim: int, d: int) -> nn.Sequential:
     """The release's ``mlp2x_gelu`` projector: Linear -> GELU (exact erf) -> Linear."""
     return nn.Sequential(nn.Linear(in_dim, d), nn.GELU(approximate="none"), nn.Linear(d, d))
@@ -277,6 +298,9 @@ class SaisaModel(nn.Module):
             layer.mm_projector = make_projector(config.mm_hidden_size, d)
             if eas:
                 layer.pia = PIA(d, eas["width"], eas["groups"], eas["temperature"], eas["scale"])
+                if eas.get("kept_adapters"):
+                    layer.kept_adapter = KeptAdapter(d, eas["kept_width"], eas["groups"],
+                                                     eas["temperature"], eas["scale"])
             self.layers.append(layer)
         self.norm = LlamaRMSNorm(d, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
@@ -362,7 +386,9 @@ class SaisaForCausalLM(nn.Module):
         """EAS (config.eas: skip, width, groups, temperature, scale): the layers in
         ``skip`` run x + MLP(post_attention_layernorm.weight * PIA(input_layernorm(x)))
         with no attention and no projector. PIA's context is the prompt: the first
-        ``prompt_lengths[b]`` text tokens of row b (LongTensor [B]; default: all)."""
+        ``prompt_lengths[b]`` text tokens of row b (LongTensor [B]; default: all).
+        With eas.kept_adapters the other layers' attention (text and visual K/V) reads
+        kept_adapter(input_layernorm(x))."""
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
@@ -420,7 +446,10 @@ class SaisaForCausalLM(nn.Module):
             attn = layer.self_attn
             hd = attn.head_dim
             resid = x
+            kept_adapter = getattr(layer, "kept_adapter", None)
             h = layer.input_layernorm(x)
+            if kept_adapter is not None:
+                h = kept_adapter(h)
             q = attn.q_proj(h).view(B, T_out, -1, hd).transpose(1, 2)
             k = attn.k_proj(h).view(B, T_out, -1, hd).transpose(1, 2)
             v = attn.v_proj(h).view(B, T_out, -1, hd).transpose(1, 2)
@@ -428,6 +457,8 @@ class SaisaForCausalLM(nn.Module):
             if V > 0:
                 xv = layer.mm_projector(feats.to(layer.mm_projector[0].weight.dtype))
                 hv = layer.input_layernorm(xv.to(x.dtype))
+                if kept_adapter is not None:
+                    hv = kept_adapter(hv)
                 kv = attn.k_proj(hv).view(B, V, -1, hd).transpose(1, 2)
                 vv = attn.v_proj(hv).view(B, V, -1, hd).transpose(1, 2)
                 _, kv = apply_rotary_pos_emb(kv, kv, cos_v, sin_v)

@@ -62,7 +62,9 @@ class VisionConfig:
 class EASConfig:
   """EAS (../shared/reference/eas.md): attention sublayers skipped, a PIA adapter per
   layer. A skipped layer computes x + FFN(gamma2 * PIA(RMSNorm1(x))) and has no
-  keys/values (models/eas.py)."""
+  keys/values (models/eas.py). With kept_adapters a kept layer's attention reads
+  KeptAdapter(RMSNorm1(x)) instead of RMSNorm1(x) (the authors' code: a small adapter
+  before attention)."""
   skip: tuple = ()           # layer indices whose attention is skipped (sorted, unique)
   width: int = 256           # PIA hidden width h
   groups: int = 2            # PIA's up-projections B, D: block-diagonal in this many groups
@@ -72,6 +74,10 @@ class EASConfig:
   # Serving: fold each skipped layer's PIA and gamma2 into its FFN's gate / up weights
   # per sequence after the prefill, so a decode step there is one norm + one FFN.
   fold: bool = False
+  # Kept layers carry an adapter before their attention (width kept_width, the same
+  # groups, temperature, scale and up_init; the authors used 128 for LLaVA).
+  kept_adapters: bool = False
+  kept_width: int = 128
 
   def __post_init__(self):
     if self.up_init not in ("zeros", "xavier"):
@@ -79,6 +85,9 @@ class EASConfig:
     if self.width <= 0 or self.width % self.groups:
       raise ValueError(f"model.eas.width={self.width} must be a positive multiple of "
                        f"model.eas.groups={self.groups}")
+    if self.kept_adapters and (self.kept_width <= 0 or self.kept_width % self.groups):
+      raise ValueError(f"model.eas.kept_width={self.kept_width} must be a positive multiple "
+                       f"of model.eas.groups={self.groups}")
     if len(set(self.skip)) != len(self.skip) or tuple(sorted(self.skip)) != tuple(self.skip):
       raise ValueError(f"model.eas.skip={self.skip}: list each layer once, in order")
 

@@ -15,6 +15,14 @@ so for the FFN's gate / up kernel W [C, I] acting on gamma2 * PIA(x):
   W' = G + C' (M G),  G = diag(gamma2) W;   bias' = (gamma2 * e) W
 with the ORIGINAL W in the bias (the published fold used the folded one, exact only
 when C' M = 0). u, r differ per prompt, so W' is per sequence: float[B, C, I].
+
+A kept layer's adapter (model.eas.kept_adapters; KeptAdapter), on its attention input:
+  z   = A x_n + a                                       float[B, T, hk]
+  r   = softmax((W_r x_n + b_r) / T)                    float[B, T, 2], per row
+  K(x_n) = x_n + s (r1 (B z + b) + r2 (D z + d))
+Its router reads the row itself (the authors' read one row of the sequence): a row's
+adapter then depends on nothing else, so prefill, decode and SAISA's visual K/V pass
+apply it alike and the KV cache holds nothing new. Zero up-projections: the identity.
 """
 from __future__ import annotations
 
@@ -41,6 +49,45 @@ def _zeros(axes):
   return nn.with_logical_partitioning(nn.initializers.zeros, axes)
 
 
+def _up_params(module, name, h, c, g, init):
+  """A grouped up-projection's params: kernel [g, h/g, C/g], bias [C]."""
+  return {"kernel": module.param(f"{name}_kernel", init((None, "adapter", "embed")),
+                                 (g, h // g, c // g), jnp.float32),
+          "bias": module.param(f"{name}_bias", _zeros(("embed",)), (c,), jnp.float32)}
+
+
+def grouped_up(z, p, groups: int, dim: int):
+  """z float[..., h] through a grouped up-projection p -> float[..., dim]."""
+  zg = z.reshape(z.shape[:-1] + (groups, z.shape[-1] // groups))
+  out = jnp.einsum("...gi,gio->...go", zg, p["kernel"].astype(z.dtype))
+  return out.reshape(z.shape[:-1] + (dim,)) + p["bias"].astype(z.dtype)
+
+
+class KeptAdapter(nn.Module):
+  """A kept layer's adapter before attention. Params: down {kernel [C, hk], bias},
+  router {kernel [C, 2], bias [2]}, up_b / up_d {kernel [g, hk/g, C/g], bias [C]}."""
+  eas: EASConfig
+  dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_n):
+    """x_n float[..., C] -> K(x_n) float[..., C]."""
+    h, g, c = self.eas.kept_width, self.eas.groups, self.dim
+    up = _zeros if self.eas.up_init == "zeros" else _xavier
+    f32, dt = jnp.float32, x_n.dtype
+    a = self.param("down_kernel", _xavier(("embed", "adapter")), (c, h), f32)
+    a_b = self.param("down_bias", _zeros(("adapter",)), (h,), f32)
+    w_r = self.param("router_kernel", _xavier(("embed", None)), (c, 2), f32)
+    b_r = self.param("router_bias", _zeros((None,)), (2,), f32)
+    up_b, up_d = _up_params(self, "up_b", h, c, g, up), _up_params(self, "up_d", h, c, g, up)
+    z = x_n @ a.astype(dt) + a_b.astype(dt)
+    r = jax.nn.softmax((x_n.astype(f32) @ w_r + b_r) / self.eas.temperature,
+                       axis=-1).astype(dt)
+    mix = (r[..., 0:1] * grouped_up(z, up_b, g, c) + r[..., 1:2] * grouped_up(z, up_d, g, c))
+    return x_n + self.eas.scale * mix
+
+
 class PIA(nn.Module):
   """Params: down {kernel [C, h], bias [h]} (A, a), cross {kernel, bias} (C', c),
   router {kernel [C, 2], bias [2]}, up_b / up_d {kernel [g, h/g, C/g], bias [C]}."""
@@ -58,12 +105,8 @@ class PIA(nn.Module):
                   "bias": self.param("cross_bias", _zeros(("adapter",)), (h,), f32)}
     self.router = {"kernel": self.param("router_kernel", _xavier(("embed", None)), (c, 2), f32),
                    "bias": self.param("router_bias", _zeros((None,)), (2,), f32)}
-    self.up_b = {"kernel": self.param("up_b_kernel", up((None, "adapter", "embed")),
-                                      (g, h // g, c // g), f32),
-                 "bias": self.param("up_b_bias", _zeros(("embed",)), (c,), f32)}
-    self.up_d = {"kernel": self.param("up_d_kernel", up((None, "adapter", "embed")),
-                                      (g, h // g, c // g), f32),
-                 "bias": self.param("up_d_bias", _zeros(("embed",)), (c,), f32)}
+    self.up_b = _up_params(self, "up_b", h, c, g, up)
+    self.up_d = _up_params(self, "up_d", h, c, g, up)
 
   def context(self, x_n, ctx_mask):
     """-> (u float32[B, h], r float32[B, 2]) from the context rows of x_n."""
@@ -74,11 +117,7 @@ class PIA(nn.Module):
     return u, r
 
   def _up(self, z, p):
-    """z float[..., h] through a grouped up-projection -> float[..., C]."""
-    g = self.eas.groups
-    zg = z.reshape(z.shape[:-1] + (g, z.shape[-1] // g))
-    out = jnp.einsum("...gi,gio->...go", zg, p["kernel"].astype(z.dtype))
-    return out.reshape(z.shape[:-1] + (self.dim,)) + p["bias"].astype(z.dtype)
+    return grouped_up(z, p, self.eas.groups, self.dim)
 
   def __call__(self, x_n, u, r):
     """x_n float[B, T, C], u float32[B, h], r float32[B, 2] -> PIA(x_n) float[B, T, C]."""

@@ -10,6 +10,8 @@ EAS (model.eas; models/eas.py), a layer whose attention is skipped:
   skip_decode(x)    the same for one token, with the prefill's PIA context (u, r) or
                     the FFN folded with it (fold).
   select(x, flag)   __call__ or skip as a traced flag says (the redundancy search).
+  With model.eas.kept_adapters a kept layer's queries, keys and values (its visual
+  ones too) read KeptAdapter(RMSNorm1(x)) (eas.py).
 The Decoder holds them as one stack (stack.py: stacked params [layers, ...] run by
 nn.scan, or layers_0, layers_1, ... run by a loop), in segments of kept and skipped
 layers when EAS skips some.
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 
 from saisa_jax.models.attention import attend, attend_cached
 from saisa_jax.models.config import ModelConfig
-from saisa_jax.models.eas import PIA
+from saisa_jax.models.eas import PIA, KeptAdapter
 from saisa_jax.models.kv_cache import write_token
 from saisa_jax.models.layers import Dense, RMSNorm, constrain, dtype_of
 from saisa_jax.models.projectors import MLPProjector
@@ -63,14 +65,23 @@ class DecoderLayer(nn.Module):
       self.projector = MLPProjector(c.hidden_size, dt)
     if self.cfg.eas is not None:
       self.pia = PIA(self.cfg.eas, c.hidden_size, dt)
+      if self.cfg.eas.kept_adapters:
+        self.kept_adapter = KeptAdapter(self.cfg.eas, c.hidden_size, dt)
 
   def visual_kv(self, feats, rope):
     """feats float[B, V, c], rope (cos, sin)[B, V, hd] -> (k, v) float[B, V, Hkv, hd]."""
-    h = self.input_norm(self.projector(feats))
+    h = self._attention_input(self.projector(feats))
     return apply_rope(self.k_proj(h), *rope), self.v_proj(h)
 
-  def _qkv(self, x, rope):
+  def _attention_input(self, x):
+    """RMSNorm1(x), through the kept layer's adapter when EAS gives it one."""
     h = self.input_norm(x)
+    if self.cfg.eas is not None and self.cfg.eas.kept_adapters:
+      h = self.kept_adapter(h)
+    return h
+
+  def _qkv(self, x, rope):
+    h = self._attention_input(x)
     q = constrain(apply_rope(self.q_proj(h), *rope), ("batch", "length", "heads", "kv"))
     return q, apply_rope(self.k_proj(h), *rope), self.v_proj(h)
 

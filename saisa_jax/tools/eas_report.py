@@ -38,12 +38,16 @@ from saisa_jax.tools import host_probe
 
 
 def no_adapter_params(base_params, eas_params):
-  """The base model's params plus the EAS model's adapters with their up-projections
-  zeroed: PIA is then the identity, so the skipped layers run with no adapter."""
-  pia = jax.tree.map(np.asarray, eas_params["decoder"]["layers"]["pia"])
-  pia = {k: (np.zeros_like(v) if k.startswith("up_") else v) for k, v in pia.items()}
+  """The base model's params plus the EAS model's adapters (PIA, and the kept layers'
+  when it has them) with their up-projections zeroed: each is then the identity, so the
+  skipped layers run with no adapter and the kept ones as the base model's."""
+  layers = dict(base_params["decoder"]["layers"])
+  for name in ("pia", "kept_adapter"):
+    if name in eas_params["decoder"]["layers"]:
+      p = jax.tree.map(np.asarray, eas_params["decoder"]["layers"][name])
+      layers[name] = {k: (np.zeros_like(v) if k.startswith("up_") else v) for k, v in p.items()}
   out = jax.tree.map(lambda a: a, base_params)
-  out["decoder"] = dict(out["decoder"], layers=dict(out["decoder"]["layers"], pia=pia))
+  out["decoder"] = dict(out["decoder"], layers=layers)
   return out
 
 

@@ -22,12 +22,23 @@ def pia_flops(cfg: ModelConfig, rows: int) -> float:
   return rows * (2 * d * e.width + 2 * 2 * e.width * d / e.groups) + 2 * d * (e.width + 2)
 
 
+def kept_adapter_flops(cfg: ModelConfig, rows: int) -> float:
+  """EAS's adapter before a kept layer's attention (model.eas.kept_adapters) over
+  `rows` rows: A (d -> hk), the per-row router (d -> 2) and the two grouped
+  up-projections; 0 without it."""
+  e, d = cfg.eas, cfg.llm.hidden_size
+  if e is None or not e.kept_adapters:
+    return 0.0
+  return rows * (2 * d * e.kept_width + 4 * d + 2 * 2 * e.kept_width * d / e.groups)
+
+
 def analytic_language_flops(cfg: ModelConfig, v: int, t: int, elementwise: bool = False) -> float:
   """The reference's per-layer formula (multiply-add = 2 FLOPs), GQA-aware, plus the
   LM head on text and LLaVA's global projector; `elementwise` adds norms, softmax,
   activations, RoPE and adds (the EW table), which matter at tiny widths only. EAS
   (model.eas.skip): a skipped layer costs its FFN and PIA over its rows (text; visual
-  + text for llava), with no attention, and in saisa no projector or visual K/V."""
+  + text for llava), with no attention, and in saisa no projector or visual K/V; a
+  kept layer's adapter (kept_adapters) runs over its attention's rows (visual too)."""
   c, d, m = cfg.vision.hidden_size, cfg.llm.hidden_size, cfg.llm.intermediate_size
   qo = cfg.llm.num_heads * cfg.llm.dim_per_head          # q / o width (d for LLaMA)
   kv = cfg.llm.num_kv_heads * cfg.llm.dim_per_head       # k / v width
@@ -50,12 +61,13 @@ def analytic_language_flops(cfg: ModelConfig, v: int, t: int, elementwise: bool 
 
   if cfg.alignment == "saisa":
     per_layer = (t * (4 * d * qo + 4 * d * kv) + 4 * v * d * kv + 4 * t * n * qo
-                 + 6 * t * d * m + projector)
+                 + 6 * t * d * m + projector + kept_adapter_flops(cfg, n))
     extra = block_ew(t, n) + proj_ew + v * (EW["rmsnorm"] * d + EW["rope"] * kv)
     return (kept_layers * (per_layer + (extra if elementwise else 0))
             + skipped_layers * skipped_layer(t) + head
             + (EW["rmsnorm"] * t * d if elementwise else 0))
-  per_layer = n * (4 * d * qo + 4 * d * kv) + 4 * n * n * qo + 6 * n * d * m
+  per_layer = (n * (4 * d * qo + 4 * d * kv) + 4 * n * n * qo + 6 * n * d * m
+               + kept_adapter_flops(cfg, n))
   extra = kept_layers * block_ew(n, n) + proj_ew + EW["rmsnorm"] * t * d
   return (kept_layers * per_layer + skipped_layers * skipped_layer(n) + head + projector
           + (extra if elementwise else 0))

@@ -177,7 +177,8 @@ def _without_adapters(params):
   """params less the EAS adapters (a stage with fresh_adapters initialises them)."""
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   return flax.traverse_util.unflatten_dict(
-      {k: v for k, v in flat.items() if "/pia/" not in f"/{k}/"}, sep="/")
+      {k: v for k, v in flat.items()
+       if "/pia/" not in f"/{k}/" and "/kept_adapter/" not in f"/{k}/"}, sep="/")
 
 
 def periodic_eval_every(sc) -> int:
