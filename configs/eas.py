@@ -27,8 +27,10 @@ def _default(arg):
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, alignment="saisa", base="", layers=4, k=2, width=64,
-                search_steps=300, tune_steps=1500, lr=2e-3, skip="", kept=False,
+  # Defaults: the recipe measured on the embedded task (docs/eas.md, "On the embedded
+  # task"): PIA width 128, kept-layer adapters of width 64, 10000 tuning steps at 3e-3.
+  a = parse_arg(arg, alignment="saisa", base="", layers=4, k=2, width=128,
+                search_steps=300, tune_steps=10000, lr=3e-3, skip="", kept=True,
                 kept_width=64)
   if not a.base:
     raise ValueError("configs/eas.py needs the trained model to start from: "

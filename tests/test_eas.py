@@ -1,5 +1,5 @@
 """EAS (attention skipping with PIA adapters): exact properties of the model in all
-three alignments, float32 on CPU. The PyTorch oracle is in test_torch_saisa_eas.py."""
+three alignments, float32 on CPU. The PyTorch oracle: test_convert_saisa.py (EAS export)."""
 import dataclasses
 
 import flax.linen as nn

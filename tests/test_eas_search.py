@@ -102,7 +102,7 @@ def _command(config_path, workdir):
 def _eas_config(embedded, base):
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
   import eas
-  c = eas.get_config(f"base={base},search_steps=8,tune_steps=4,width=8")
+  c = eas.get_config(f"base={base},search_steps=8,tune_steps=4,width=8,kept_width=8")
   ref = small_config(embedded, layers=4)
   c.embedded.enabled = False
   for key in ("tokenizer", "image_root", "read_threads"):
