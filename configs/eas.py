@@ -16,6 +16,7 @@ import os
 import ml_collections
 
 from saisa_jax.config_args import parse_arg
+from saisa_jax.models.eas import ADAPTERS
 
 
 def _default(arg):
@@ -45,7 +46,7 @@ def get_config(arg=None):
                                                 lr=1.0, seed=0))
   # No search when a skip set is given: tune only.
   c.stages = "tune" if a.skip else "search,tune"
-  adapters = r"/pia/|/kept_adapter/"
+  adapters = "|".join(f"/{name}/" for name in ADAPTERS)
   c.search = ml_collections.ConfigDict(dict(steps=a.search_steps, template="vicuna_v1",
                                             json_path="", search=True, trainable=adapters,
                                             lr=a.lr, warmup_steps=30))

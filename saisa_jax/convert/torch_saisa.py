@@ -104,6 +104,13 @@ _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 # ----------------------------------------------------------------------------- helpers
 
+def _mixed_up(up_b: nn.Conv1d, up_d: nn.Conv1d, z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """EAS's two grouped up-projections of z [B, T, width], mixed by the router's
+    r [B, 1 or T, 2]: r1 up_b(z) + r2 up_d(z) -> [B, T, C]."""
+    zt = z.transpose(1, 2)
+    return r[..., 0:1] * up_b(zt).transpose(1, 2) + r[..., 1:2] * up_d(zt).transpose(1, 2)
+
+
 class PIA(nn.Module):
     """EAS's Propagation-of-Information Adapter (shared/reference/eas.md), on
     normalised rows h [B, T, C]: u = down(mean h), r = softmax(router(mean h) / T) over
@@ -125,10 +132,7 @@ class PIA(nn.Module):
         u = self.down(mean)
         r = torch.softmax(self.router(mean) / self.temperature, dim=-1)
         z = 0.5 * (u[:, None] + self.cross(h))                          # [B, T, width]
-        zt = z.transpose(1, 2)
-        b = self.up_b(zt).transpose(1, 2)
-        d = self.up_d(zt).transpose(1, 2)
-        return h + self.scale * (r[:, None, 0:1] * b + r[:, None, 1:2] * d)
+        return h + self.scale * _mixed_up(self.up_b, self.up_d, z, r[:, None])
 
 
 class KeptAdapter(nn.Module):
@@ -146,10 +150,7 @@ class KeptAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         r = torch.softmax(self.router(h.float()) / self.temperature, dim=-1).to(h.dtype)
-        zt = self.down(h).transpose(1, 2)
-        b = self.up_b(zt).transpose(1, 2)
-        d = self.up_d(zt).transpose(1, 2)
-        return h + self.scale * (r[..., 0:1] * b + r[..., 1:2] * d)
+        return h + self.scale * _mixed_up(self.up_b, self.up_d, self.down(h), r)
 
 
 def make_projector(in_dim: int, d: int) -> nn.Sequential:

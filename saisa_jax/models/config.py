@@ -145,6 +145,11 @@ class ModelConfig:
     """Per decoder layer: True where EAS skips its attention."""
     return self.eas.kinds(self.llm.num_layers) if self.eas else (False,) * self.llm.num_layers
 
+  @property
+  def kept_adapters(self) -> bool:
+    """Do the kept layers carry EAS's adapter before their attention?"""
+    return self.eas is not None and self.eas.kept_adapters
+
   def head_dims(self):
     """(name, head dim) of the decoder and the tower: what attention kernels check."""
     return (("llm", self.llm.dim_per_head),

@@ -41,6 +41,11 @@ def context_mean(x_n, ctx_mask):
   return jnp.einsum("btc,bt->bc", x_n.astype(jnp.float32), w) / n
 
 
+# The EAS adapters' module names under decoder/layers (what tuning trains, a stage with
+# fresh_adapters re-initialises and the no-adapter baseline zeroes).
+ADAPTERS = ("pia", "kept_adapter")
+
+
 def _xavier(axes):
   return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
 

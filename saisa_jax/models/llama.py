@@ -76,7 +76,7 @@ class DecoderLayer(nn.Module):
   def _attention_input(self, x):
     """RMSNorm1(x), through the kept layer's adapter when EAS gives it one."""
     h = self.input_norm(x)
-    if self.cfg.eas is not None and self.cfg.eas.kept_adapters:
+    if self.cfg.kept_adapters:
       h = self.kept_adapter(h)
     return h
 

@@ -33,6 +33,7 @@ from saisa_jax.core import checkpoint as ckpt_lib
 from saisa_jax.eval.generate import Generator, SamplingConfig
 from saisa_jax.eval.runner import evaluate
 from saisa_jax.models.build import build, dummy_batch
+from saisa_jax.models.eas import ADAPTERS
 from saisa_jax.tools.flops_formula import analytic_language_flops
 from saisa_jax.tools import host_probe
 
@@ -42,7 +43,7 @@ def no_adapter_params(base_params, eas_params):
   when it has them) with their up-projections zeroed: each is then the identity, so the
   skipped layers run with no adapter and the kept ones as the base model's."""
   layers = dict(base_params["decoder"]["layers"])
-  for name in ("pia", "kept_adapter"):
+  for name in ADAPTERS:
     if name in eas_params["decoder"]["layers"]:
       p = jax.tree.map(np.asarray, eas_params["decoder"]["layers"][name])
       layers[name] = {k: (np.zeros_like(v) if k.startswith("up_") else v) for k, v in p.items()}

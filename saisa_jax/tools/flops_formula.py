@@ -26,9 +26,9 @@ def kept_adapter_flops(cfg: ModelConfig, rows: int) -> float:
   """EAS's adapter before a kept layer's attention (model.eas.kept_adapters) over
   `rows` rows: A (d -> hk), the per-row router (d -> 2) and the two grouped
   up-projections; 0 without it."""
-  e, d = cfg.eas, cfg.llm.hidden_size
-  if e is None or not e.kept_adapters:
+  if not cfg.kept_adapters:
     return 0.0
+  e, d = cfg.eas, cfg.llm.hidden_size
   return rows * (2 * d * e.kept_width + 4 * d + 2 * 2 * e.kept_width * d / e.groups)
 
 

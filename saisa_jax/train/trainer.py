@@ -40,6 +40,7 @@ from saisa_jax.batch import pad_length
 from saisa_jax.data.pipeline import elastic_start, make_iterator
 from saisa_jax.eval.runner import evaluate, format_table
 from saisa_jax.models.build import build
+from saisa_jax.models.eas import ADAPTERS
 from saisa_jax.core import checkpoint as ckpt_lib
 from saisa_jax.train.compiles import CompileWatch
 from saisa_jax.train.curves import plot_curves
@@ -177,8 +178,7 @@ def _without_adapters(params):
   """params less the EAS adapters (a stage with fresh_adapters initialises them)."""
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   return flax.traverse_util.unflatten_dict(
-      {k: v for k, v in flat.items()
-       if "/pia/" not in f"/{k}/" and "/kept_adapter/" not in f"/{k}/"}, sep="/")
+      {k: v for k, v in flat.items() if not set(k.split("/")) & set(ADAPTERS)}, sep="/")
 
 
 def periodic_eval_every(sc) -> int:

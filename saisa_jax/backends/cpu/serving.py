@@ -61,8 +61,7 @@ def _arg(args, kwargs, i, name, default=None):
 
 def _fusable(module, cfg) -> bool:
   # The kernels know nothing of EAS's kept-layer adapter (before attention).
-  kept_adapters = cfg.eas is not None and cfg.eas.kept_adapters
-  return (cfg.attention == "cpu" and not kept_adapters and cfg.layer_layout == "per_layer"
+  return (cfg.attention == "cpu" and not cfg.kept_adapters and cfg.layer_layout == "per_layer"
           and cfg.dtype == "float32" and not module.is_initializing()
           and jax.sharding.get_abstract_mesh().empty)
 
